@@ -1,0 +1,1 @@
+"""s1serve: serving reasoning models with s1-style test-time scaling (budget forcing)."""

@@ -1,0 +1,33 @@
+"""Engine configuration: one dataclass, validated at construction; CLI flags map 1:1 onto it."""
+
+from dataclasses import dataclass
+
+from .errors import InvalidConfigError
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # KV pool size; None = derive from kv_cache_gib
+    kv_cache_gib: float = 2.0  # memory for the KV pool when num_kv_blocks is not given
+    max_num_seqs: int = 64  # sequences running at once
+    max_num_batched_tokens: int = 2048  # tokens computed per engine step (prefill chunks + decodes)
+    max_model_len: int | None = None  # prompt + output; None = the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto = float32 on CPU, the checkpoint's on CUDA
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0  # seeds requests that carry no seed of their own
+
+    def __post_init__(self):
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InvalidConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise InvalidConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_gib <= 0:
+            raise InvalidConfigError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise InvalidConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise InvalidConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")

@@ -1,0 +1,56 @@
+"""The offline facade: `LLM(model_dir, **config).generate(prompts, sampling)` -> list[RequestOutput]."""
+
+import itertools
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+from .config import EngineConfig
+from .engine import LLMEngine, Prompt
+from .errors import InvalidRequestError
+from .outputs import RequestOutput
+from .params import SamplingParams, ThinkBudget
+
+
+class LLM:
+    def __init__(self, model_dir: str | Path, **config):
+        self.engine = LLMEngine(model_dir, EngineConfig(**config))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling: SamplingParams | list[SamplingParams] | None = None,
+        budget: ThinkBudget | list[ThinkBudget | None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt in one continuous batch; outputs come back in prompt order.
+
+        Every request is validated before any is scheduled, so one bad prompt fails the call
+        without leaving the others half-run.
+        """
+        if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        samplings = _per_prompt(sampling if sampling is not None else SamplingParams(), len(prompts), "sampling")
+        budgets = _per_prompt(budget, len(prompts), "budget")
+        if any(b is not None for b in budgets):
+            raise NotImplementedError("think budgets are enforced once budget forcing (issue #4) lands")
+
+        seqs = [self.engine.make_sequence(f"llm-{next(self._ids)}", p, s) for p, s in zip(prompts, samplings)]
+        outputs = {s.request_id: RequestOutput(s.request_id, list(s.prompt_token_ids)) for s in seqs}
+        for seq in seqs:
+            self.engine.add_sequence(seq)
+        while self.engine.has_unfinished():
+            for delta in self.engine.step():
+                outputs[delta.request_id].add(delta)
+        return [outputs[s.request_id] for s in seqs]
+
+
+def _per_prompt(value, n: int, name: str) -> list:
+    if isinstance(value, Seq) and not isinstance(value, str):
+        if len(value) != n:
+            raise InvalidRequestError(name, f"has {len(value)} entries for {n} prompts")
+        return list(value)
+    return [value] * n

@@ -1,0 +1,110 @@
+"""Owns the weights, the KV pool and the forward pass: ScheduledBatch in, one token per sequence out.
+
+Each step packs every scheduled sequence's new tokens into one flat batch (decodes first, then
+prefill chunks), writes their K/V through a slot mapping, runs one forward, and samples only the
+sequences whose last token was computed (a partial prefill chunk samples nothing).
+"""
+
+import torch
+
+from ..models import ModelConfig, load_model
+from ..models.paged_attention import AttentionMetadata
+from .config import EngineConfig
+from .sampler import Sampler
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
+    """auto: fp32 on CPU (exact and fast enough there), the checkpoint's half type on CUDA."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    if model_config.torch_dtype in ("bfloat16", "float16"):
+        return _DTYPES[model_config.torch_dtype]
+    return torch.bfloat16
+
+
+class ModelRunner:
+    def __init__(self, model_dir: str, config: EngineConfig, model_config: ModelConfig):
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, model_config, self.device)
+        self.block_size = config.block_size
+        self.model = load_model(model_dir, self.dtype, self.device)
+        cfg = model_config
+        kv_shape = (config.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        bytes_per_block = 2 * cfg.num_hidden_layers * kv_shape[0] * kv_shape[1] * kv_shape[2] * self.dtype.itemsize
+        self.num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gib * 2**30) // bytes_per_block)
+        # (k/v, layer, block, slot in block, kv head, head_dim)
+        self.kv_cache = torch.zeros(
+            (2, cfg.num_hidden_layers, self.num_blocks, *kv_shape), dtype=self.dtype, device=self.device
+        )
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[int | None]:
+        """Returns, per scheduled sequence (in batch order), the sampled token or None."""
+        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)  # decodes first, stable
+        seqs = [batch.seqs[i] for i in order]
+        counts = [batch.num_new_tokens[i] for i in order]
+        input_ids, positions, meta, sample_rows = self._prepare(seqs, counts)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)  # (num_tokens, hidden)
+
+        result: list[int | None] = [None] * len(batch)
+        to_sample = [j for j, row in enumerate(sample_rows) if row is not None]
+        if to_sample:
+            logits = self.model.compute_logits(hidden[[sample_rows[j] for j in to_sample]])
+            tokens = self.sampler(
+                logits,
+                [seqs[j].sampling for j in to_sample],
+                [seqs[j].seed for j in to_sample],
+                [seqs[j].num_output_tokens for j in to_sample],
+            )
+            for j, token in zip(to_sample, tokens):
+                result[order[j]] = token
+        return result
+
+    def _prepare(self, seqs: list[Sequence], counts: list[int]):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int | None] = []
+        decode_tables, decode_lens = [], []
+        prefill_q, prefill_ctx, prefill_tables = [], [], []
+        for seq, n in zip(seqs, counts):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            sample_rows.append(len(input_ids) - 1 if end == seq.num_tokens else None)
+            if n == 1:
+                decode_tables.append(table)
+                decode_lens.append(end)
+            else:
+                prefill_q.append(n)
+                prefill_ctx.append(end)
+                prefill_tables.append(torch.tensor(table[: -(-end // bs)], device=self.device))
+        width = max((len(t) for t in decode_tables), default=0)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=self.device),
+            num_decode_tokens=len(decode_tables),
+            decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=self.device, dtype=torch.long),
+            decode_context_lens=torch.tensor(decode_lens, device=self.device, dtype=torch.long),
+            prefill_query_lens=prefill_q,
+            prefill_context_lens=prefill_ctx,
+            prefill_block_tables=prefill_tables,
+        )
+        ids = torch.tensor(input_ids, device=self.device)
+        pos = torch.tensor(positions, device=self.device)
+        return ids, pos, meta, sample_rows

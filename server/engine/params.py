@@ -1,0 +1,75 @@
+"""Per-request parameters: how to sample (`SamplingParams`) and how long to think (`ThinkBudget`).
+
+Both validate in `__post_init__` and raise `InvalidSamplingParamError` naming the field, so the
+API layer can reject a request before it reaches the scheduler.
+"""
+
+from dataclasses import dataclass, field
+
+from .errors import InvalidSamplingParamError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """OpenAI/vLLM-style sampling controls. `temperature == 0` means greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    max_tokens: int = 256
+    seed: int | None = None  # same seed -> same output, whatever else is in the batch
+    stop: tuple[str, ...] = ()  # stop strings; the matched string is cut from the text
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # for benchmarks: generate exactly max_tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added logit
+
+    def __post_init__(self):
+        # Accept lists from callers but store tuples so the params stay hashable-ish and immutable.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in self.logit_bias.items()})
+        if not self.temperature >= 0:  # also catches NaN
+            raise InvalidSamplingParamError("temperature", f"must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidSamplingParamError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidSamplingParamError("top_k", f"must be >= 0 (0 disables it), got {self.top_k}")
+        if self.max_tokens < 1:
+            raise InvalidSamplingParamError("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if any(not s for s in self.stop):
+            raise InvalidSamplingParamError("stop", "stop strings must be non-empty")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise InvalidSamplingParamError("stop_token_ids", "token ids must be >= 0")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidSamplingParamError("seed", f"must be in [0, 2**63), got {self.seed}")
+        for token_id, bias in self.logit_bias.items():
+            if token_id < 0:
+                raise InvalidSamplingParamError("logit_bias", f"token id {token_id} is negative")
+            if not -100 <= bias <= 100:
+                raise InvalidSamplingParamError("logit_bias", f"bias {bias} for token {token_id} is outside [-100, 100]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class ThinkBudget:
+    """s1 budget forcing limits for one request (enforced by the budget-forcing issue, #4)."""
+
+    min_think: int | None = None
+    max_think: int | None = None
+    max_waits: int | None = None
+    wait: str | None = None
+
+    def __post_init__(self):
+        for name in ("min_think", "max_think", "max_waits"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InvalidSamplingParamError(name, f"must be >= 0, got {value}")
+        if self.min_think and self.max_think and self.min_think > self.max_think:
+            raise InvalidSamplingParamError("min_think", f"{self.min_think} exceeds max_think {self.max_think}")
+        if self.wait is not None and not self.wait:
+            raise InvalidSamplingParamError("wait", "must be non-empty")

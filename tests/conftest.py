@@ -1,0 +1,134 @@
+"""Shared fixtures: tiny random-weight models built from transformers configs (no downloads),
+a transformers greedy reference, and a KV-leak check around every engine a test creates."""
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.engine import LLM
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. What is 2+3? Answer: 5.",
+    "Wait, let me recount the letters in strawberry: s-t-r-a-w-b-e-r-r-y has three r's.",
+    "Let x be a real number such that x^2 = 4. Then x = 2 or x = -2.",
+    "héllo wörld 你好 ünïcödé 🙂 — résumé naïve café",
+]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+EXTRA_EMBEDDING_ROWS = 20  # ids the tokenizer does not know, as real Qwen checkpoints have
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(path: Path, arch: str, **overrides) -> Path:
+    """Save a random-weight Llama or Qwen2 (GQA) with a small BPE tokenizer into `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer()
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer) + EXTRA_EMBEDDING_ROWS,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        pad_token_id=None,
+        initializer_range=0.2,  # spread the logits so greedy ties (and fp32 noise flips) are rare
+    )
+    common.update(overrides)
+    torch.manual_seed(0 if arch == "llama" else 1)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(rope_theta=10000.0, **common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(rope_theta=1000000.0, tie_word_embeddings=True, **common))
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def model_dir(request) -> Path:
+    return request.getfixturevalue(f"{request.param}_dir")
+
+
+def random_prompts(n: int, vocab: int, seed: int = 0, min_len: int = 1, max_len: int = 80) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)]
+
+
+_HF_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy `generate`, one prompt at a time (no padding), stopping at EOS."""
+    from transformers import AutoModelForCausalLM
+
+    key = str(model_dir)
+    if key not in _HF_MODELS:
+        _HF_MODELS[key] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = _HF_MODELS[key]
+    outputs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+            outputs.append(out[0, len(prompt) :].tolist())
+    return outputs
+
+
+def assert_no_kv_leak(llm: LLM) -> None:
+    engine = llm.engine
+    assert not engine.has_unfinished()
+    assert not engine.sequences
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_blocks - bm.num_free_blocks} KV blocks leaked"
+    assert all(c == 0 for c in bm.ref_counts)
+
+
+@pytest.fixture
+def make_llm():
+    """Build an `LLM`; after the test, every KV block of every engine built must be free again."""
+    built: list[LLM] = []
+
+    def make(model_dir, **config) -> LLM:
+        llm = LLM(model_dir, **config)
+        built.append(llm)
+        return llm
+
+    yield make
+    for llm in built:
+        assert_no_kv_leak(llm)
