@@ -7,7 +7,7 @@ Contract (see DESIGN.md): `LLM(model_dir, **config).generate(prompts, sampling, 
 from .async_llm import AsyncLLM
 from .config import EngineConfig
 from .engine import LLMEngine
-from .errors import (
+from ..errors import (
     EmptyPromptError,
     InvalidRequestError,
     InvalidSamplingParamError,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import EngineConfig
 from .engine import LLMEngine, Prompt
-from .errors import DuplicateRequestError, RequestNotFoundError
+from ..errors import DuplicateRequestError, RequestNotFoundError
 from .outputs import StepOutput
 from .params import SamplingParams
 from .sequence import Sequence

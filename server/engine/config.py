@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from .errors import InvalidConfigError
+from ..errors import InvalidConfigError
 
 
 @dataclass

@@ -26,12 +26,15 @@ class Detokenizer:
         seq.read_offset = seq.num_prompt_tokens
         seq.prefix_offset = max(seq.num_prompt_tokens - CONTEXT_TOKENS, 0)
 
-    def step(self, seq: Sequence, skip_special_tokens: bool = True) -> str:
-        """Append the text of newly added tokens to `seq.text` and return it ('' if still pending)."""
+    def step(self, seq: Sequence, skip_special_tokens: bool = True, final: bool = False) -> str:
+        """Append the text of newly added tokens to `seq.text` and return it ('' if still pending).
+
+        `final` flushes an incomplete character as U+FFFD, as a full decode of the tokens would.
+        """
         ids = seq.token_ids
         prefix_text = self._decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens)
         new_text = self._decode(ids[seq.prefix_offset :], skip_special_tokens)
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
             return ""  # nothing printable yet, or a multi-byte character is still incomplete
         delta = new_text[len(prefix_text) :]
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)

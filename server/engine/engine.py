@@ -15,7 +15,7 @@ from ..models import ModelConfig
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import Detokenizer
-from .errors import (
+from ..errors import (
     DuplicateRequestError,
     EmptyPromptError,
     InvalidRequestError,
@@ -125,6 +125,8 @@ class LLMEngine:
             seq.token_ids.append(token)
             added = self.detokenizer.step(seq)
             reason = self._finish_reason(seq, token, added)
+            if reason is FinishReason.LENGTH or (reason is FinishReason.STOP and not seq.stopped_by_string):
+                self.detokenizer.step(seq, final=True)
             if reason is not None:
                 seq.finish_reason = reason
                 self.scheduler.finish(seq)
@@ -141,6 +143,7 @@ class LLMEngine:
             hits = [i for i in (seq.text.find(s, window) for s in sp.stop) if i >= 0]
             if hits:
                 seq.text = seq.text[: min(hits)]
+                seq.stopped_by_string = True
                 return FinishReason.STOP
         if seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .config import EngineConfig
 from .engine import LLMEngine, Prompt
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 from .outputs import RequestOutput
 from .params import SamplingParams, ThinkBudget
 

@@ -6,7 +6,7 @@ API layer can reject a request before it reaches the scheduler.
 
 from dataclasses import dataclass, field
 
-from .errors import InvalidSamplingParamError
+from ..errors import InvalidSamplingParamError
 
 
 @dataclass(frozen=True)

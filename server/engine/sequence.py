@@ -37,6 +37,7 @@ class Sequence:
     num_registered_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
+    stopped_by_string: bool = False  # text was cut at a stop string: nothing after it is decoded
     num_preemptions: int = 0
     # Incremental detokenization state (see detokenizer.py).
     text: str = ""

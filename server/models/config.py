@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 

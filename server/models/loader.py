@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..engine.errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 from .config import ModelConfig
 from .decoder import CausalLM, RotaryEmbedding
 

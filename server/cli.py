@@ -1,0 +1,100 @@
+"""`s1serve` command line. Engine flags are generated from `EngineConfig`, one flag per field."""
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+import types
+import typing
+
+from .engine.config import EngineConfig
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
+    """One `--field-name` flag per dataclass field, typed and defaulted from the dataclass."""
+    hints = typing.get_type_hints(config_cls)
+    group = parser.add_argument_group(f"{config_cls.__name__} flags")
+    for field in dataclasses.fields(config_cls):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        if isinstance(kind, types.UnionType):  # `int | None` -> int
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            group.add_argument(flag, type=kind, default=field.default, metavar=kind.__name__.upper())
+
+
+def config_from_args(args: argparse.Namespace, config_cls):
+    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+
+
+def resolve_model_dir(model: str | None) -> str:
+    if model:
+        return model
+    from .models.default_model import default_model_dir
+
+    return str(default_model_dir())
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .engine import LLMEngine, SamplingParams
+
+    engine = LLMEngine(resolve_model_dir(args.model), config_from_args(args, EngineConfig))
+    prompt = args.prompt
+    if not args.raw and engine.tokenizer.chat_template:
+        prompt = engine.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+    sampling = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        max_tokens=args.max_tokens, seed=args.sampling_seed, stop=tuple(args.stop),
+    )
+    engine.add_request("cli", prompt, sampling)
+    start, num_tokens = time.perf_counter(), 0
+    while engine.has_unfinished():
+        for delta in engine.step():
+            sys.stdout.write(delta.new_text)
+            sys.stdout.flush()
+            num_tokens += len(delta.new_token_ids)
+            finish = delta.finish_reason
+    elapsed = time.perf_counter() - start
+    print(f"\n[{num_tokens} tokens in {elapsed:.2f} s, {num_tokens / elapsed:.1f} tok/s, finish: {finish}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="s1serve", description="Serve reasoning models with s1 budget forcing.")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a reply to one prompt, streamed to stdout")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", help="Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_config_flags(gen, EngineConfig)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from .errors import S1ServeError
+
+    try:
+        return args.func(args)
+    except S1ServeError as exc:
+        print(f"s1serve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
