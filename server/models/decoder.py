@@ -76,7 +76,7 @@ class Attention(nn.Module):
             )
         if nd < q.shape[0]:
             out[nd:] = pa.paged_attention_prefill(
-                q[nd:], k_cache, v_cache, meta.prefill_block_tables,
+                q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta.prefill_block_tables,
                 meta.prefill_query_lens, meta.prefill_context_lens, self.scale,
             )
         return self.o_proj(out.view(-1, self.q_size))

@@ -1,14 +1,17 @@
-"""Paged-attention ops in plain torch, and the per-step metadata they read.
+"""Paged-attention ops, the per-step metadata they read, and their pure-torch references.
 
 K/V live in a block-structured cache of shape (num_blocks, block_size, num_kv_heads, head_dim)
-per layer; a token's slot is `block * block_size + offset`. These functions are the reference
-semantics; the csrc/ kernels replace them behind the same signatures.
+per layer; a token's slot is `block * block_size + offset`. `paged_attention_decode` runs the
+csrc/ kernel (`torch.ops.s1serve`) where one is built for the tensors' device and the torch
+reference otherwise; `attention_backend()` says which, and the engine logs it at start.
 """
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+import server._C  # noqa: F401  (registers torch.ops.s1serve; a missing build is an error, not a fallback)
 
 
 @dataclass
@@ -35,6 +38,14 @@ def reshape_and_cache(
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = value
 
 
+def attention_backend(device: torch.device) -> str:
+    """Which decode implementation runs for tensors on `device`."""
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
+        "s1serve::paged_attention_decode", "CUDA" if device.type == "cuda" else "CPU"
+    )
+    return f"csrc-{device.type}" if has_kernel else "torch-reference"
+
+
 def paged_attention_decode(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -44,6 +55,22 @@ def paged_attention_decode(
     scale: float,
 ) -> torch.Tensor:
     """query: (num_seqs, num_heads, head_dim), one token per sequence -> same shape."""
+    if attention_backend(query.device) == "torch-reference":
+        return paged_attention_decode_reference(query, k_cache, v_cache, block_tables, context_lens, scale)
+    out = torch.empty_like(query)
+    torch.ops.s1serve.paged_attention_decode(out, query.contiguous(), k_cache, v_cache, block_tables, context_lens, scale)
+    return out
+
+
+def paged_attention_decode_reference(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Pure torch: gather each sequence's blocks into a padded copy, then masked SDPA."""
     num_seqs, max_blocks = block_tables.shape
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     # (num_seqs, max_blocks * block_size, num_kv_heads, head_dim) -> heads first for SDPA
@@ -58,6 +85,8 @@ def paged_attention_decode(
 
 def paged_attention_prefill(
     query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: list[torch.Tensor],
@@ -65,21 +94,25 @@ def paged_attention_prefill(
     context_lens: list[int],
     scale: float,
 ) -> torch.Tensor:
-    """query: (sum(query_lens), num_heads, head_dim) -> same shape.
+    """query: (sum(query_lens), num_heads, head_dim) -> same shape; key/value: the new tokens'
+    (sum(query_lens), num_kv_heads, head_dim), already written to the cache.
 
     Sequence i's queries are the last `query_lens[i]` of its `context_lens[i]` tokens (the rest
     came from the prefix cache or an earlier chunk); each attends causally to all before it.
+    A sequence with nothing cached attends to its new K/V directly, skipping the cache gather.
     """
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     out = torch.empty_like(query)
     start = 0
     for table, q_len, ctx_len in zip(block_tables, query_lens, context_lens):
         q = query[start : start + q_len].transpose(0, 1)  # (num_heads, q_len, head_dim)
-        keys = k_cache[table].view(-1, num_kv_heads, head_dim)[:ctx_len].transpose(0, 1)
-        values = v_cache[table].view(-1, num_kv_heads, head_dim)[:ctx_len].transpose(0, 1)
         if q_len == ctx_len:
+            keys = key[start : start + q_len].transpose(0, 1)  # (num_kv_heads, q_len, head_dim)
+            values = value[start : start + q_len].transpose(0, 1)
             o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         else:
+            keys = k_cache[table].view(-1, num_kv_heads, head_dim)[:ctx_len].transpose(0, 1)
+            values = v_cache[table].view(-1, num_kv_heads, head_dim)[:ctx_len].transpose(0, 1)
             q_pos = torch.arange(ctx_len - q_len, ctx_len, device=query.device)
             mask = torch.arange(ctx_len, device=query.device)[None, :] <= q_pos[:, None]
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
