@@ -56,7 +56,7 @@ class ModelRunner:
         order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)  # decodes first, stable
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
-        input_ids, positions, meta, sample_rows = self._prepare(seqs, counts)
+        input_ids, positions, meta, sample_rows = self.prepare_inputs(seqs, counts)
         hidden = self.model(input_ids, positions, self.kv_cache, meta)  # (num_tokens, hidden)
 
         result: list[int | None] = [None] * len(batch)
@@ -73,7 +73,7 @@ class ModelRunner:
                 result[order[j]] = token
         return result
 
-    def _prepare(self, seqs: list[Sequence], counts: list[int]):
+    def prepare_inputs(self, seqs: list[Sequence], counts: list[int]):
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []

@@ -37,7 +37,7 @@ def paged_logits(model_dir, tokens: list[int], chunk: int, block_size: int = 4) 
     with torch.inference_mode():
         while seq.num_computed_tokens < len(tokens):
             batch = sched.schedule()
-            ids, pos, meta, _ = runner._prepare(batch.seqs, batch.num_new_tokens)
+            ids, pos, meta, _ = runner.prepare_inputs(batch.seqs, batch.num_new_tokens)
             logits.append(runner.model.compute_logits(runner.model(ids, pos, runner.kv_cache, meta)))
             seq.num_computed_tokens += batch.num_new_tokens[0]
     return torch.cat(logits)
