@@ -12,6 +12,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from ..models import ModelConfig
+from ..models.paged_attention import attention_backend
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import Detokenizer
@@ -23,7 +24,7 @@ from ..errors import (
     PromptTooLongError,
     RequestNotFoundError,
 )
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, context_len
 from .outputs import StepOutput
 from .params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
@@ -44,7 +45,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.detokenizer = Detokenizer(self.tokenizer)
-        context = min(config.max_model_len or self.model_config.max_position_embeddings, self.model_config.max_position_embeddings)
+        context = context_len(config, self.model_config)
         pool = self.runner.num_blocks * config.block_size
         self.max_model_len = min(context, pool)
         self._length_limit = "max_model_len" if context <= pool else f"the KV cache pool ({pool} tokens)"
@@ -54,9 +55,9 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self.sequences: dict[str, Sequence] = {}  # unfinished requests by id, for abort
         logger.info(
-            "engine ready: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d",
+            "engine ready: %s on %s/%s, attention %s, %d KV blocks x %d tokens, max_model_len %d",
             self.model_config.model_type, self.runner.device, self.runner.dtype,
-            self.runner.num_blocks, config.block_size, self.max_model_len,
+            attention_backend(self.runner.device.type), self.runner.num_blocks, config.block_size, self.max_model_len,
         )
 
     # ---- requests -------------------------------------------------------------------------------
@@ -125,9 +126,9 @@ class LLMEngine:
             seq.token_ids.append(token)
             added = self.detokenizer.step(seq)
             reason = self._finish_reason(seq, token, added)
-            if reason is FinishReason.LENGTH or (reason is FinishReason.STOP and not seq.stopped_by_string):
-                self.detokenizer.step(seq, final=True)
             if reason is not None:
+                if not seq.stopped_by_string:  # flush a pending partial character, as a full decode would
+                    self.detokenizer.step(seq, final=True)
                 seq.finish_reason = reason
                 self.scheduler.finish(seq)
                 del self.sequences[seq.request_id]

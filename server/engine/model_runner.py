@@ -34,6 +34,11 @@ def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) ->
     return torch.bfloat16
 
 
+def context_len(config: EngineConfig, cfg: ModelConfig) -> int:
+    """Longest sequence (prompt + output) the engine serves, before the KV-pool cap."""
+    return min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+
+
 class ModelRunner:
     def __init__(self, model_dir: str, config: EngineConfig, model_config: ModelConfig):
         self.device = resolve_device(config.device)
@@ -43,12 +48,19 @@ class ModelRunner:
         cfg = model_config
         kv_shape = (config.block_size, cfg.num_key_value_heads, cfg.head_dim)
         bytes_per_block = 2 * cfg.num_hidden_layers * kv_shape[0] * kv_shape[1] * kv_shape[2] * self.dtype.itemsize
-        self.num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gib * 2**30) // bytes_per_block)
+        self.num_blocks = config.num_kv_blocks or self._blocks_for_memory(config, cfg, bytes_per_block)
         # (k/v, layer, block, slot in block, kv head, head_dim)
         self.kv_cache = torch.zeros(
             (2, cfg.num_hidden_layers, self.num_blocks, *kv_shape), dtype=self.dtype, device=self.device
         )
         self.sampler = Sampler()
+
+    @staticmethod
+    def _blocks_for_memory(config: EngineConfig, cfg: ModelConfig, bytes_per_block: int) -> int:
+        """Blocks that fit in kv_cache_gib, but never more than max_num_seqs full-length sequences
+        can use: a small model would otherwise allocate (and zero) gigabytes it cannot fill."""
+        usable = config.max_num_seqs * -(-context_len(config, cfg) // config.block_size)
+        return max(1, min(int(config.kv_cache_gib * 2**30) // bytes_per_block, usable))
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int | None]:

@@ -31,7 +31,7 @@ def cache_root() -> Path:
 
 
 def default_model_dir() -> Path:
-    """Path of the converted default model, converting it on first use (about 15 s)."""
+    """Path of the converted default model, converting it on first use (about 30 s)."""
     target = cache_root() / "models" / DEFAULT_MODEL_NAME
     if (target / "config.json").is_file():
         return target

@@ -6,6 +6,7 @@ csrc/ kernel (`torch.ops.s1serve`) where one is built for the tensors' device an
 reference otherwise; `attention_backend()` says which, and the engine logs it at start.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -38,12 +39,13 @@ def reshape_and_cache(
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = value
 
 
-def attention_backend(device: torch.device) -> str:
-    """Which decode implementation runs for tensors on `device`."""
+@functools.cache
+def attention_backend(device_type: str) -> str:
+    """Which decode implementation runs for tensors on a device type; resolved once, not per layer."""
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
-        "s1serve::paged_attention_decode", "CUDA" if device.type == "cuda" else "CPU"
+        "s1serve::paged_attention_decode", "CUDA" if device_type == "cuda" else "CPU"
     )
-    return f"csrc-{device.type}" if has_kernel else "torch-reference"
+    return f"csrc-{device_type}" if has_kernel else "torch-reference"
 
 
 def paged_attention_decode(
@@ -55,7 +57,7 @@ def paged_attention_decode(
     scale: float,
 ) -> torch.Tensor:
     """query: (num_seqs, num_heads, head_dim), one token per sequence -> same shape."""
-    if attention_backend(query.device) == "torch-reference":
+    if attention_backend(query.device.type) == "torch-reference":
         return paged_attention_decode_reference(query, k_cache, v_cache, block_tables, context_lens, scale)
     out = torch.empty_like(query)
     torch.ops.s1serve.paged_attention_decode(out, query.contiguous(), k_cache, v_cache, block_tables, context_lens, scale)
