@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(s1serve, m) {
+  m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def(
       "paged_attention_decode(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, "
       "Tensor block_tables, Tensor context_lens, float scale) -> ()");

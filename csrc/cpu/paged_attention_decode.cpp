@@ -1,42 +1,179 @@
 // Paged-attention decode on the CPU: one query token per sequence attends to its K/V blocks,
 // read in place through the block table (no gather into a padded copy, which is what makes the
 // pure-torch reference memory-bound). One task per (sequence, kv head) serves the whole GQA
-// group of query heads that share that kv head, so each K/V row is read once per step.
+// group of query heads that share that kv head, so each K/V row is read once per step, and the
+// softmax is computed online block by block (flash-decoding style), so no buffer grows with the
+// context. The task body is compiled twice (AVX2+FMA and baseline x86-64) and picked at load time.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define S1_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define S1_MULTIVERSION
+#endif
+#define S1_INLINE inline __attribute__((always_inline))
 
 namespace s1serve {
 namespace {
 
-// Eight independent partial sums let the compiler vectorize without reassociating floats itself.
-template <typename scalar_t>
-inline float dot(const scalar_t* k, const float* q, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += static_cast<float>(k[i + j]) * q[i + j];
-  float sum = 0;
-  for (; i < n; ++i) sum += static_cast<float>(k[i]) * q[i];
-  for (int j = 0; j < 8; ++j) sum += acc[j];
-  return sum;
+// Eight floats as one GCC vector: AVX registers in the x86-64-v3 clone, SSE pairs in the baseline.
+typedef float vec8 __attribute__((vector_size(32), aligned(4)));  // scratch may be unaligned
+
+S1_INLINE vec8 load8(const float* p) {
+  vec8 r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
 }
+S1_INLINE vec8 load8(const double* p) {
+  vec8 r;
+  for (int i = 0; i < 8; ++i) r[i] = static_cast<float>(p[i]);
+  return r;
+}
+template <typename reduced_t>  // bf16 / fp16: widen to fp32, accumulate in fp32
+S1_INLINE vec8 load8(const reduced_t* p) {
+  vec8 r;
+  for (int i = 0; i < 8; ++i) r[i] = static_cast<float>(p[i]);
+  return r;
+}
+
+S1_INLINE float hsum(vec8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// exp(x) for x <= 0 (a score minus the running max), Cephes' expf polynomial after Cody-Waite
+// range reduction: ~1 ulp, branch-free, so loops over it vectorize (std::exp does not).
+S1_INLINE float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float pow2n;
+  std::memcpy(&pow2n, &bits, sizeof(pow2n));
+  return p * pow2n;
+}
+
+struct Shape {
+  int64_t num_heads, head_dim, block_size, num_kv_heads, group, max_blocks, slot_stride, block_stride;
+  int64_t slices, kv_per_slice;  // kv heads are split into `slices` tasks per sequence
+};
+
+// One sequence, kv heads [kv_begin, kv_end) and the query heads they serve. Taking all kv heads
+// of a sequence at once reads each cached token's K/V row as one contiguous run, which is what
+// keeps the memory system streaming (per-head tasks read 1/num_kv_heads of each row and run
+// several times slower here). q/acc are scratch of num_heads*head_dim/8 vectors, scores of
+// num_heads*block_size floats, running of 2*num_heads floats.
+template <typename scalar_t>
+S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_t kv_end, const scalar_t* q_ptr,
+                           const scalar_t* k_ptr, const scalar_t* v_ptr, scalar_t* out_ptr, const int64_t* table,
+                           int64_t ctx, float scale, vec8* __restrict q, vec8* __restrict acc,
+                           float* __restrict scores, float* __restrict running) {
+  const int64_t chunks = s.head_dim / 8, head0 = kv_begin * s.group, heads = (kv_end - kv_begin) * s.group;
+  const int64_t bs = s.block_size;
+  for (int64_t h = 0; h < heads; ++h) {
+    const scalar_t* src = q_ptr + (seq * s.num_heads + head0 + h) * s.head_dim;
+    for (int64_t c = 0; c < chunks; ++c) q[h * chunks + c] = load8(src + 8 * c) * scale;
+  }
+  for (int64_t i = 0; i < heads * chunks; ++i) acc[i] = vec8{};
+  float* running_max = running;
+  float* running_sum = running + heads;
+  std::fill(running_max, running_max + heads, -std::numeric_limits<float>::infinity());
+  std::fill(running_sum, running_sum + heads, 0.0f);
+
+  const int64_t num_blocks = (ctx + bs - 1) / bs;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const int64_t n = std::min(bs, ctx - b * bs);
+    const int64_t base = table[b] * s.block_stride + kv_begin * s.head_dim;
+    for (int64_t t = 0; t < n; ++t) {
+      const scalar_t* k_row = k_ptr + base + t * s.slot_stride;
+      for (int64_t h = 0; h < heads; ++h) {
+        const scalar_t* k = k_row + (h / s.group) * s.head_dim;
+        const vec8* qh = q + h * chunks;
+        vec8 sum{};
+        for (int64_t c = 0; c < chunks; ++c) sum += load8(k + 8 * c) * qh[c];
+        scores[h * bs + t] = hsum(sum);
+      }
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      float* sc = scores + h * bs;
+      float block_max = sc[0];
+      for (int64_t t = 1; t < n; ++t) block_max = std::max(block_max, sc[t]);
+      const float new_max = std::max(running_max[h], block_max);
+      const float correction = exp_nonpositive(running_max[h] - new_max);  // exp(-inf) -> 0 via clamp
+      float sum = 0;
+      for (int64_t t = 0; t < n; ++t) sum += (sc[t] = exp_nonpositive(sc[t] - new_max));
+      running_sum[h] = running_sum[h] * correction + sum;
+      running_max[h] = new_max;
+      if (correction != 1.0f)
+        for (int64_t c = 0; c < chunks; ++c) acc[h * chunks + c] *= correction;
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const scalar_t* v_row = v_ptr + base + t * s.slot_stride;
+      for (int64_t kv = 0; kv < kv_end - kv_begin; ++kv)
+        for (int64_t c = 0; c < chunks; ++c) {
+          const vec8 vc = load8(v_row + kv * s.head_dim + 8 * c);
+          for (int64_t h = kv * s.group; h < (kv + 1) * s.group; ++h) acc[h * chunks + c] += scores[h * bs + t] * vc;
+        }
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    const float inv = 1.0f / running_sum[h];
+    scalar_t* dst = out_ptr + (seq * s.num_heads + head0 + h) * s.head_dim;
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int i = 0; i < 8; ++i) dst[8 * c + i] = static_cast<scalar_t>(acc[h * chunks + c][i] * inv);
+  }
+}
+
+// A task is (sequence, slice of kv heads); slices are whole sequences unless there are too few
+// sequences to keep every thread busy.
+#define S1_DEFINE_TASK_RANGE(T)                                                                                   \
+  S1_MULTIVERSION void task_range(const Shape& s, int64_t begin, int64_t end, const T* q_ptr, const T* k_ptr,    \
+                                  const T* v_ptr, T* out_ptr, const int64_t* tables, const int64_t* lens,         \
+                                  float scale, vec8* q, vec8* acc, float* scores, float* running) {               \
+    for (int64_t task = begin; task < end; ++task) {                                                              \
+      const int64_t seq = task / s.slices, kv_begin = task % s.slices * s.kv_per_slice;                           \
+      decode_task<T>(s, seq, kv_begin, kv_begin + s.kv_per_slice, q_ptr, k_ptr, v_ptr, out_ptr,                   \
+                     tables + seq * s.max_blocks, lens[seq], scale, q, acc, scores, running);                     \
+    }                                                                                                             \
+  }
+// One overload per dtype, each cloned per target (target_clones does not apply to templates).
+S1_DEFINE_TASK_RANGE(float)
+S1_DEFINE_TASK_RANGE(double)
+S1_DEFINE_TASK_RANGE(at::BFloat16)
+S1_DEFINE_TASK_RANGE(at::Half)
 
 template <typename scalar_t>
 void decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& k_cache,
-            const torch::Tensor& v_cache, const torch::Tensor& block_tables,
-            const torch::Tensor& context_lens, double scale) {
-  const int64_t num_seqs = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
-  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t max_blocks = block_tables.size(1);
-  const int64_t slot_stride = num_kv_heads * head_dim;  // between consecutive tokens of a block
-  const int64_t block_stride = block_size * slot_stride;
+            const torch::Tensor& v_cache, const torch::Tensor& block_tables, const torch::Tensor& context_lens,
+            double scale) {
+  Shape s;
+  s.num_heads = query.size(1);
+  s.head_dim = query.size(2);
+  s.block_size = k_cache.size(1);
+  s.num_kv_heads = k_cache.size(2);
+  s.group = s.num_heads / s.num_kv_heads;
+  s.max_blocks = block_tables.size(1);
+  s.slot_stride = s.num_kv_heads * s.head_dim;  // between consecutive tokens of a block
+  s.block_stride = s.block_size * s.slot_stride;
+  const int64_t num_seqs = query.size(0);
+  s.slices = num_seqs >= 4 * at::get_num_threads() ? 1 : s.num_kv_heads;
+  s.kv_per_slice = s.num_kv_heads / s.slices;
+  const int64_t num_tasks = num_seqs * s.slices;
 
   const scalar_t* q_ptr = query.data_ptr<scalar_t>();
   const scalar_t* k_ptr = k_cache.data_ptr<scalar_t>();
@@ -44,49 +181,12 @@ void decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
-
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(group * head_dim), acc(group * head_dim), scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t seq = task / num_kv_heads, kv_head = task % num_kv_heads;
-      const int64_t ctx = lens[seq];
-      const int64_t* table = tables + seq * max_blocks;
-      const int64_t head0 = kv_head * group;  // first query head of this group
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < head_dim; ++d)
-          q[g * head_dim + d] =
-              static_cast<float>(q_ptr[(seq * num_heads + head0 + g) * head_dim + d]) * static_cast<float>(scale);
-
-      // scores: (group, ctx)
-      scores.resize(group * ctx);
-      for (int64_t pos = 0; pos < ctx; ++pos) {
-        const scalar_t* k = k_ptr + table[pos / block_size] * block_stride + (pos % block_size) * slot_stride +
-                            kv_head * head_dim;
-        for (int64_t g = 0; g < group; ++g) scores[g * ctx + pos] = dot(k, &q[g * head_dim], head_dim);
-      }
-      std::vector<float> inv_sum(group);
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = &scores[g * ctx];
-        const float m = *std::max_element(s, s + ctx);
-        float sum = 0;
-        for (int64_t pos = 0; pos < ctx; ++pos) sum += (s[pos] = std::exp(s[pos] - m));
-        inv_sum[g] = 1.0f / sum;
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t pos = 0; pos < ctx; ++pos) {
-        const scalar_t* v = v_ptr + table[pos / block_size] * block_stride + (pos % block_size) * slot_stride +
-                            kv_head * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * ctx + pos];
-          float* a = &acc[g * head_dim];
-          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * static_cast<float>(v[d]);
-        }
-      }
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < head_dim; ++d)
-          out_ptr[(seq * num_heads + head0 + g) * head_dim + d] =
-              static_cast<scalar_t>(acc[g * head_dim + d] * inv_sum[g]);
-    }
+  at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t heads = s.kv_per_slice * s.group;
+    std::vector<vec8> q(heads * s.head_dim / 8), acc(heads * s.head_dim / 8);
+    std::vector<float> scores(heads * s.block_size), running(2 * heads);
+    task_range(s, begin, end, q_ptr, k_ptr, v_ptr, out_ptr, tables, lens, static_cast<float>(scale), q.data(),
+               acc.data(), scores.data(), running.data());
   });
 }
 
@@ -97,6 +197,7 @@ void paged_attention_decode(torch::Tensor out, const torch::Tensor& query, const
               "query (seqs, heads, dim) and caches (blocks, block_size, kv_heads, dim) expected");
   TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(query.size(2) == k_cache.size(3), "head_dim of query and cache differ");
+  TORCH_CHECK(query.size(2) % 8 == 0, "head_dim must be a multiple of 8");
   TORCH_CHECK(block_tables.scalar_type() == torch::kLong && context_lens.scalar_type() == torch::kLong,
               "block_tables and context_lens must be int64");
   TORCH_CHECK(block_tables.size(0) == query.size(0) && context_lens.size(0) == query.size(0),
@@ -105,7 +206,9 @@ void paged_attention_decode(torch::Tensor out, const torch::Tensor& query, const
                   block_tables.is_contiguous() && context_lens.is_contiguous() && out.is_contiguous(),
               "contiguous tensors expected");
   TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type(), "out must match query");
-  TORCH_CHECK(k_cache.scalar_type() == query.scalar_type(), "cache and query dtypes differ");
+  TORCH_CHECK(k_cache.scalar_type() == query.scalar_type() && v_cache.scalar_type() == query.scalar_type(),
+              "cache and query dtypes differ");
+  TORCH_CHECK(context_lens.numel() == 0 || context_lens.min().item<int64_t>() >= 1, "context lengths must be >= 1");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention_decode", [&] {
     decode<scalar_t>(out, query, k_cache, v_cache, block_tables, context_lens, scale);
   });

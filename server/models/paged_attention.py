@@ -3,7 +3,8 @@
 K/V live in a block-structured cache of shape (num_blocks, block_size, num_kv_heads, head_dim)
 per layer; a token's slot is `block * block_size + offset`. `paged_attention_decode` runs the
 csrc/ kernel (`torch.ops.s1serve`) where one is built for the tensors' device and the torch
-reference otherwise; `attention_backend()` says which, and the engine logs it at start.
+reference otherwise (so does `reshape_and_cache`); `attention_backend()` says which, and the
+engine logs it at start.
 """
 
 import functools
@@ -34,18 +35,44 @@ class AttentionMetadata:
 def reshape_and_cache(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """key/value: (num_tokens, num_kv_heads, head_dim) written at `slot_mapping` into the caches."""
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = key
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = value
+    """key/value: (num_tokens, num_kv_heads, head_dim) written at `slot_mapping` into the caches
+    (a negative slot writes nothing)."""
+    if attention_backend(key.device.type) == "torch-reference":
+        reshape_and_cache_reference(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        torch.ops.s1serve.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def reshape_and_cache_reference(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    keep = slot_mapping >= 0
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping[keep]] = key[keep]
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping[keep]] = value[keep]
+
+
+# Shape-only implementations, so the ops work under torch.compile and fake tensors (both mutate
+# their arguments in place and return nothing).
+@torch.library.register_fake("s1serve::reshape_and_cache")
+def _(key, value, k_cache, v_cache, slot_mapping) -> None:
+    return None
+
+
+@torch.library.register_fake("s1serve::paged_attention_decode")
+def _(out, query, k_cache, v_cache, block_tables, context_lens, scale) -> None:
+    return None
 
 
 @functools.cache
 def attention_backend(device_type: str) -> str:
-    """Which decode implementation runs for tensors on a device type; resolved once, not per layer."""
-    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
-        "s1serve::paged_attention_decode", "CUDA" if device_type == "cuda" else "CPU"
-    )
-    return f"csrc-{device_type}" if has_kernel else "torch-reference"
+    """Which implementation runs for tensors on a device type; resolved once, not per layer.
+
+    The csrc ops are registered per dispatch key; a device type with every op built runs them.
+    """
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    ops = ("paged_attention_decode", "reshape_and_cache")
+    has_kernels = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"s1serve::{op}", key) for op in ops)
+    return f"csrc-{device_type}" if has_kernels else "torch-reference"
 
 
 def paged_attention_decode(
