@@ -39,9 +39,12 @@ def resolve_model_dir(model: str | None) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .engine import LLMEngine, SamplingParams
+    from .engine import LLMEngine, SamplingParams, ThinkBudget
 
     engine = LLMEngine(resolve_model_dir(args.model), config_from_args(args, EngineConfig))
+    budget = None
+    if any(v is not None for v in (args.min_think, args.max_think, args.max_waits, args.wait)):
+        budget = ThinkBudget(min_think=args.min_think, max_think=args.max_think, max_waits=args.max_waits, wait=args.wait)
     prompt = args.prompt
     if not args.raw and engine.tokenizer.chat_template:
         prompt = engine.tokenizer.apply_chat_template(
@@ -51,17 +54,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_tokens=args.max_tokens, seed=args.sampling_seed, stop=tuple(args.stop),
     )
-    engine.add_request("cli", prompt, sampling)
+    engine.add_request("cli", prompt, sampling, budget)
+    show = PhasePrinter(sys.stdout) if budget else None
     start, num_tokens = time.perf_counter(), 0
     while engine.has_unfinished():
         for delta in engine.step():
-            sys.stdout.write(delta.new_text)
+            if show:
+                show(delta)
+            else:
+                sys.stdout.write(delta.new_text)
             sys.stdout.flush()
             num_tokens += len(delta.new_token_ids)
-            finish = delta.finish_reason
+            last = delta
     elapsed = time.perf_counter() - start
-    print(f"\n[{num_tokens} tokens in {elapsed:.2f} s, {num_tokens / elapsed:.1f} tok/s, finish: {finish}]", file=sys.stderr)
+    usage = f"{num_tokens} tokens in {elapsed:.2f} s, {num_tokens / elapsed:.1f} tok/s, finish: {last.finish_reason}"
+    if budget:
+        usage += (f"; thinking {last.think_tokens} tokens, answer {last.answer_tokens}, waits {last.num_waits}"
+                  f"{', think end forced' if last.think_end_forced else ''}")
+    print(f"\n[{usage}]", file=sys.stderr)
     return 0
+
+
+class PhasePrinter:
+    """Streams a budgeted reply with its phases visibly apart: a header per phase, the engine's
+    inserted Waits in [brackets], a note where the think end was forced."""
+
+    def __init__(self, out):
+        self.out = out
+        self.phase = None
+
+    def __call__(self, delta) -> None:
+        if self.phase is None:
+            self.out.write("── thinking ──\n")
+            self.phase = "think"
+        if delta.think_text:
+            waited = "WAIT_INSERTED" in delta.events
+            self.out.write(f"[{delta.think_text}]" if waited else delta.think_text)
+        if self.phase == "think" and delta.phase == "answer":
+            forced = " (think end forced at max_think)" if "THINK_END_FORCED" in delta.events else ""
+            self.out.write(f"\n── answer{forced} ──\n")
+            self.phase = "answer"
+        self.out.write(delta.answer_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    budget = gen.add_argument_group("think budget (s1 budget forcing; any of these turns it on)")
+    budget.add_argument("--min-think", type=int, help="append Wait instead of ending thinking before this many tokens")
+    budget.add_argument("--max-think", type=int, help="force the end of thinking at this many tokens")
+    budget.add_argument("--max-waits", type=int, help="at most this many Waits")
+    budget.add_argument("--wait", help='the string appended instead of a premature end (default "Wait")')
     add_config_flags(gen, EngineConfig)
     gen.set_defaults(func=cmd_generate)
     return parser

@@ -93,14 +93,19 @@ def random_prompts(n: int, vocab: int, seed: int = 0, min_len: int = 1, max_len:
 _HF_MODELS: dict[str, torch.nn.Module] = {}
 
 
-def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """transformers' greedy `generate`, one prompt at a time (no padding), stopping at EOS."""
+def hf_model(model_dir: Path) -> torch.nn.Module:
+    """The transformers model of a test checkpoint, fp32, loaded once per session."""
     from transformers import AutoModelForCausalLM
 
     key = str(model_dir)
     if key not in _HF_MODELS:
         _HF_MODELS[key] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model = _HF_MODELS[key]
+    return _HF_MODELS[key]
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy `generate`, one prompt at a time (no padding), stopping at EOS."""
+    model = hf_model(model_dir)
     outputs = []
     with torch.no_grad():
         for prompt in prompts:

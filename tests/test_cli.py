@@ -20,3 +20,32 @@ def test_user_errors_exit_2_with_a_message(llama_dir, capsys):
     code = main(["generate", "", "--model", str(llama_dir), "--raw"])
     assert code == 2
     assert "prompt: must contain at least one token" in capsys.readouterr().err
+
+
+def test_generate_with_a_budget_shows_the_phases_apart(llama_dir, capsys):
+    code = main(["generate", "2+2?", "--model", str(llama_dir), "--max-think", "5", "--max-tokens", "12",
+                 "--num-kv-blocks", "32"])
+    assert code == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("── thinking ──\n")
+    assert "── answer (think end forced at max_think) ──\n" in out
+    assert "thinking 5 tokens" in err and "think end forced" in err
+
+
+def test_phase_printer_marks_inserted_waits(llama_dir):
+    """Deltas from a real engine whose model always tries to end thinking (biased delimiter)."""
+    import io
+
+    from server.cli import PhasePrinter
+    from server.engine import LLMEngine, SamplingParams, ThinkBudget
+
+    engine = LLMEngine(llama_dir, EngineConfig(num_kv_blocks=32))
+    delimiter = engine.think_ids.think_end[0]
+    engine.add_request("r", "2+2?", SamplingParams(temperature=0, max_tokens=12, logit_bias={delimiter: 100}),
+                       ThinkBudget(min_think=2, max_waits=5))
+    buffer = io.StringIO()
+    printer = PhasePrinter(buffer)
+    while engine.has_unfinished():
+        for delta in engine.step():
+            printer(delta)
+    assert buffer.getvalue().startswith("── thinking ──\n[Wait][Wait]\n── answer ──\n")

@@ -17,6 +17,7 @@ from ..errors import (
 from .llm import LLM
 from .outputs import RequestOutput, StepOutput
 from .params import SamplingParams, ThinkBudget
+from .think import THINK_TEMPLATES, ThinkTemplate
 
 __all__ = [
     "LLM",
@@ -25,6 +26,8 @@ __all__ = [
     "EngineConfig",
     "SamplingParams",
     "ThinkBudget",
+    "ThinkTemplate",
+    "THINK_TEMPLATES",
     "RequestOutput",
     "StepOutput",
     "S1ServeError",

@@ -18,7 +18,7 @@ from .config import EngineConfig
 from .engine import LLMEngine, Prompt
 from ..errors import DuplicateRequestError, RequestNotFoundError
 from .outputs import StepOutput
-from .params import SamplingParams
+from .params import SamplingParams, ThinkBudget
 from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -41,10 +41,14 @@ class AsyncLLM:
         self._thread.start()
 
     async def generate(
-        self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        request_id: str | None = None,
+        budget: ThinkBudget | None = None,
     ) -> AsyncIterator[StepOutput]:
         request_id = request_id or f"req-{next(self._ids)}"
-        seq = self.engine.make_sequence(request_id, prompt, sampling)
+        seq = self.engine.make_sequence(request_id, prompt, sampling, budget)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if request_id in self._streams:

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from ..errors import InvalidConfigError
+from .think import THINK_TEMPLATES, ThinkTemplate
 
 
 @dataclass
@@ -17,6 +18,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto = float32 on CPU, the checkpoint's on CUDA
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # seeds requests that carry no seed of their own
+    think_template: str | ThinkTemplate = "auto"  # s1 | r1 | auto (from the tokenizer) | a ThinkTemplate
 
     def __post_init__(self):
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
@@ -29,5 +31,7 @@ class EngineConfig:
             raise InvalidConfigError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if isinstance(self.think_template, str) and self.think_template not in ("auto", *THINK_TEMPLATES):
+            raise InvalidConfigError(f"think_template must be auto, {', '.join(THINK_TEMPLATES)}, got {self.think_template!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InvalidConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")

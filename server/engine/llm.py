@@ -1,4 +1,4 @@
-"""The offline facade: `LLM(model_dir, **config).generate(prompts, sampling)` -> list[RequestOutput]."""
+"""The offline facade: `LLM(model_dir, **config).generate(prompts, sampling, budget)` -> list[RequestOutput]."""
 
 import itertools
 from collections.abc import Sequence as Seq
@@ -35,10 +35,9 @@ class LLM:
             prompts = [prompts]
         samplings = _per_prompt(sampling if sampling is not None else SamplingParams(), len(prompts), "sampling")
         budgets = _per_prompt(budget, len(prompts), "budget")
-        if any(b is not None for b in budgets):
-            raise NotImplementedError("think budgets are enforced once budget forcing (issue #4) lands")
-
-        seqs = [self.engine.make_sequence(f"llm-{next(self._ids)}", p, s) for p, s in zip(prompts, samplings)]
+        seqs = [
+            self.engine.make_sequence(f"llm-{next(self._ids)}", p, s, b) for p, s, b in zip(prompts, samplings, budgets)
+        ]
         outputs = {s.request_id: RequestOutput(s.request_id, list(s.prompt_token_ids)) for s in seqs}
         for seq in seqs:
             self.engine.add_sequence(seq)
@@ -46,6 +45,17 @@ class LLM:
             for delta in self.engine.step():
                 outputs[delta.request_id].add(delta)
         return [outputs[s.request_id] for s in seqs]
+
+    def chat(
+        self,
+        conversations: list[dict] | list[list[dict]],
+        sampling: SamplingParams | list[SamplingParams] | None = None,
+        budget: ThinkBudget | list[ThinkBudget | None] | None = None,
+    ) -> list[RequestOutput]:
+        """`generate` for chat messages, rendered with the model's chat template + think opener."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self.generate([self.engine.render_chat(c) for c in conversations], sampling, budget)
 
 
 def _per_prompt(value, n: int, name: str) -> list:

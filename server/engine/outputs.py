@@ -10,20 +10,37 @@ from dataclasses import dataclass, field
 @dataclass
 class StepOutput:
     request_id: str
-    new_token_ids: list[int]
-    new_text: str  # stop-string-safe: a possible stop-string prefix is held back until resolved
+    new_token_ids: list[int]  # sampled and forced tokens alike, in order
+    new_text: str  # all new text; stop-string-safe (a possible stop-string prefix is held back)
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort" once finished
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens served from the prefix cache
+    # Phase-tagged views of new_text (the think_end delimiter belongs to neither) and what the
+    # engine did this step ("WAIT_INSERTED", "THINK_END_FORCED"). Running totals follow.
+    think_text: str = ""
+    answer_text: str = ""
+    events: list[str] = field(default_factory=list)
+    phase: str = "answer"  # the phase the request is in after this step: "think" | "answer"
+    think_tokens: int = 0
+    answer_tokens: int = 0
+    num_waits: int = 0
+    think_end_forced: bool = False
 
 
 @dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)  # every generated token, in order
+    token_ids: list[int] = field(default_factory=list)  # every generated token, forced ones included
     text: str = ""
+    think_text: str = ""
+    answer_text: str = ""
+    think_tokens: int = 0
+    answer_tokens: int = 0
+    num_waits: int = 0
+    think_end_forced: bool = False
+    events: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     num_cached_tokens: int = 0
 
@@ -34,6 +51,11 @@ class RequestOutput:
     def add(self, delta: StepOutput) -> None:
         self.token_ids += delta.new_token_ids
         self.text += delta.new_text
+        self.think_text += delta.think_text
+        self.answer_text += delta.answer_text
+        self.events += delta.events
+        self.think_tokens, self.answer_tokens = delta.think_tokens, delta.answer_tokens
+        self.num_waits, self.think_end_forced = delta.num_waits, delta.think_end_forced
         self.num_cached_tokens = delta.num_cached_tokens
         if delta.finished:
             self.finish_reason = delta.finish_reason

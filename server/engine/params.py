@@ -57,7 +57,10 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class ThinkBudget:
-    """s1 budget forcing limits for one request (enforced by the budget-forcing issue, #4)."""
+    """s1 budget forcing limits for one request; 0 or None = no constraint (as in DESIGN.md).
+
+    `wait` replaces the template's "Wait" for this request. Semantics: server/engine/think.py.
+    """
 
     min_think: int | None = None
     max_think: int | None = None

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from .params import SamplingParams
+from .think import ThinkState
 
 
 class SequenceStatus(Enum):
@@ -39,6 +40,12 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stopped_by_string: bool = False  # text was cut at a stop string: nothing after it is decoded
     num_preemptions: int = 0
+    think: ThinkState | None = None  # budget forcing; None = no think phase (all output is answer)
+    # Where the phases sit in the output: chars of `text` before the delimiter / after it, and the
+    # output index of the first answer token. None while still thinking.
+    think_end_char: int | None = None
+    answer_start_char: int | None = None
+    answer_start_token: int | None = None
     # Incremental detokenization state (see detokenizer.py).
     text: str = ""
     prefix_offset: int = 0
@@ -49,6 +56,8 @@ class Sequence:
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)
         self.prefix_offset = self.read_offset = len(self.prompt_token_ids)
+        if self.think is None:
+            self.think_end_char = self.answer_start_char = self.answer_start_token = 0
 
     @property
     def num_tokens(self) -> int:
@@ -65,6 +74,14 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def think_tokens(self) -> int:
+        return self.think.think_tokens if self.think else 0
+
+    @property
+    def answer_tokens(self) -> int:
+        return 0 if self.answer_start_token is None else self.num_output_tokens - self.answer_start_token
 
     @property
     def is_finished(self) -> bool:

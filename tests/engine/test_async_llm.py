@@ -67,3 +67,28 @@ def test_bad_request_raises_in_the_caller(async_llm):
 
     with pytest.raises(EmptyPromptError):
         asyncio.run(main())
+
+
+def test_budgeted_streams_are_phase_tagged_and_add_up_to_the_offline_result(async_llm, make_llm, llama_dir):
+    from server.engine import ThinkBudget
+
+    delimiter = async_llm.engine.think_ids.think_end[0]
+    sampling = SamplingParams(temperature=0, max_tokens=30, logit_bias={delimiter: 2.0})
+    budgets = [ThinkBudget(min_think=15, max_waits=3), ThinkBudget(max_think=6), ThinkBudget(min_think=8, max_think=12)]
+    prompts = random_prompts(3, 400, seed=4)
+    offline = make_llm(llama_dir).generate(prompts, sampling, budgets)
+
+    async def stream(prompt, budget):
+        return [d async for d in async_llm.generate(prompt, sampling, budget=budget)]
+
+    async def main():
+        return await asyncio.gather(*(stream(p, b) for p, b in zip(prompts, budgets)))
+
+    for deltas, ref in zip(asyncio.run(main()), offline):
+        assert [t for d in deltas for t in d.new_token_ids] == ref.token_ids
+        assert "".join(d.think_text for d in deltas) == ref.think_text
+        assert "".join(d.answer_text for d in deltas) == ref.answer_text
+        assert [e for d in deltas for e in d.events] == ref.events
+        phases = [d.phase for d in deltas]
+        assert phases == sorted(phases, key=["think", "answer"].index)  # think, then answer, never back
+    assert any("WAIT_INSERTED" in ref.events for ref in offline) and offline[1].events == ["THINK_END_FORCED"]
