@@ -3,15 +3,26 @@
 Metadata lives in pyproject.toml; this file only declares the extension. It must build against
 the torch already installed (so install with `--no-build-isolation`): an isolated build env
 would fetch a different torch, and the extension's ABI would not match the one at run time.
+The CPU kernels are always built; the CUDA kernels (csrc/cuda/, plain CUDA) and their binding
+when the installed torch has CUDA. A compile error fails the install: there is no silent fallback.
 """
 
 from pathlib import Path
 
+import torch
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+# One list for the build and for the CI test that compiles csrc/cuda/ with nvcc alone.
+NVCC_FLAGS = Path("csrc/cuda/nvcc_flags.txt").read_text().split()
 
 sources = ["csrc/bindings.cpp", *sorted(str(p) for p in Path("csrc/cpu").glob("*.cpp"))]
-setup(
-    ext_modules=[CppExtension("server._C", sources, extra_compile_args=["-O3"])],
-    cmdclass={"build_ext": BuildExtension},
-)
+if torch.version.cuda is not None and CUDA_HOME is not None:
+    sources += ["csrc/cuda_bindings.cpp", *sorted(str(p) for p in Path("csrc/cuda").glob("*.cu"))]
+    extension = CUDAExtension(
+        "server._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS}
+    )
+else:
+    extension = CppExtension("server._C", sources, extra_compile_args=["-O3"])
+
+setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension})

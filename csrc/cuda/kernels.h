@@ -1,0 +1,41 @@
+// Launchers for the CUDA kernels. Plain C++ types only (no torch headers), so the kernel files
+// compile with nvcc alone (CI checks that on machines without a GPU) and the torch binding
+// (csrc/cuda_bindings.cpp) stays the only file that needs torch's CUDA headers.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace s1serve::cuda {
+
+enum class DType { kFloat32, kFloat16, kBFloat16 };
+
+struct DecodeArgs {
+  void* out;                   // (num_seqs, num_heads, head_dim)
+  const void* query;           // (num_seqs, num_heads, head_dim)
+  const void* k_cache;         // (num_blocks, block_size, num_kv_heads, head_dim)
+  const void* v_cache;         // same
+  const int64_t* block_tables;  // (num_seqs, max_blocks)
+  const int64_t* context_lens;  // (num_seqs,)
+  int num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks;
+  float scale;
+};
+
+// Returns cudaErrorInvalidValue for shapes the kernels do not cover (head_dim not in
+// {16, 32, 64, 128, 256}, more than 8 query heads per kv head), else the launch status.
+cudaError_t paged_attention_decode(const DecodeArgs& args, DType dtype, cudaStream_t stream);
+
+struct CacheArgs {
+  const void* key;              // (num_tokens, num_kv_heads, head_dim), rows `key_stride` apart
+  const void* value;
+  void* k_cache;                // (num_blocks, block_size, num_kv_heads, head_dim)
+  void* v_cache;
+  const int64_t* slot_mapping;  // (num_tokens,), negative = padding, skipped
+  int num_tokens, row_elems;    // row_elems = num_kv_heads * head_dim
+  int64_t key_stride, value_stride;  // elements between consecutive tokens of key / value
+};
+
+cudaError_t reshape_and_cache(const CacheArgs& args, DType dtype, cudaStream_t stream);
+
+}  // namespace s1serve::cuda

@@ -1,0 +1,81 @@
+// The CUDA implementations of the s1serve ops: argument checks in torch terms, then the plain
+// CUDA launchers of csrc/cuda/. Built only when the installed torch has CUDA (see setup.py).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include "cuda/kernels.h"
+
+namespace s1serve {
+namespace {
+
+cuda::DType dtype_of(const torch::Tensor& t) {
+  switch (t.scalar_type()) {
+    case torch::kFloat: return cuda::DType::kFloat32;
+    case torch::kHalf: return cuda::DType::kFloat16;
+    case torch::kBFloat16: return cuda::DType::kBFloat16;
+    default: TORCH_CHECK(false, "s1serve CUDA ops support float32, float16 and bfloat16, got ", t.scalar_type());
+  }
+}
+
+void check_launch(cudaError_t status, const char* op) {
+  TORCH_CHECK(status != cudaErrorInvalidValue, op, ": shape not supported by the CUDA kernel");
+  TORCH_CHECK(status == cudaSuccess, op, ": ", cudaGetErrorString(status));
+}
+
+void paged_attention_decode(torch::Tensor out, const torch::Tensor& query, const torch::Tensor& k_cache,
+                            const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                            const torch::Tensor& context_lens, double scale) {
+  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "query (seqs, heads, dim) and caches (blocks, block_size, kv_heads, dim) expected");
+  TORCH_CHECK(query.size(2) == k_cache.size(3), "head_dim of query and cache differ");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && context_lens.scalar_type() == torch::kLong,
+              "block_tables and context_lens must be int64");
+  TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  block_tables.is_contiguous() && context_lens.is_contiguous() && out.is_contiguous(),
+              "contiguous tensors expected");
+  TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type(), "out must match query");
+  TORCH_CHECK(k_cache.scalar_type() == query.scalar_type(), "cache and query dtypes differ");
+  const c10::cuda::CUDAGuard guard(query.device());
+  cuda::DecodeArgs args{out.data_ptr(), query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                        block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
+                        static_cast<int>(query.size(0)), static_cast<int>(query.size(1)),
+                        static_cast<int>(k_cache.size(2)), static_cast<int>(query.size(2)),
+                        static_cast<int>(k_cache.size(1)), static_cast<int>(block_tables.size(1)),
+                        static_cast<float>(scale)};
+  check_launch(cuda::paged_attention_decode(args, dtype_of(query), c10::cuda::getCurrentCUDAStream()),
+               "paged_attention_decode");
+}
+
+void reshape_and_cache(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor k_cache,
+                       torch::Tensor v_cache, const torch::Tensor& slot_mapping) {
+  TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes(), "key/value (tokens, kv_heads, head_dim) expected");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && key.size(1) == k_cache.size(2) &&
+                  key.size(2) == k_cache.size(3),
+              "caches (blocks, block_size, kv_heads, head_dim) matching key expected");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kLong && slot_mapping.is_contiguous() &&
+                  slot_mapping.size(0) == key.size(0),
+              "slot_mapping must be int64 with one slot per token");
+  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == v_cache.scalar_type(),
+              "key/value and cache dtypes differ");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  // Rows may be strided (a slice of the fused qkv projection); within a row, elements are dense.
+  TORCH_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 &&
+                  value.stride(1) == value.size(2),
+              "key/value rows must be contiguous");
+  const c10::cuda::CUDAGuard guard(key.device());
+  cuda::CacheArgs args{key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                       slot_mapping.data_ptr<int64_t>(), static_cast<int>(key.size(0)),
+                       static_cast<int>(key.size(1) * key.size(2)), key.stride(0), value.stride(0)};
+  check_launch(cuda::reshape_and_cache(args, dtype_of(key), c10::cuda::getCurrentCUDAStream()), "reshape_and_cache");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(s1serve, CUDA, m) {
+  m.impl("paged_attention_decode", &paged_attention_decode);
+  m.impl("reshape_and_cache", &reshape_and_cache);
+}
+
+}  // namespace s1serve

@@ -1,0 +1,69 @@
+"""The CUDA ops against the same references, and the engine on the GPU (marked `gpu`; skipped
+without CUDA). Half-precision tolerances: inputs are rounded to bf16/fp16, accumulation is fp32."""
+
+import pytest
+import torch
+
+from server.engine import SamplingParams
+from server.models.paged_attention import (
+    attention_backend,
+    paged_attention_decode,
+    paged_attention_decode_reference,
+    reshape_and_cache,
+    reshape_and_cache_reference,
+)
+from tests.conftest import hf_greedy, random_prompts
+
+from .test_ops import POISON, random_paged_batch, relative_error
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def test_cuda_runs_the_compiled_kernels():
+    assert attention_backend("cuda") == "csrc-cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 8), (8, 2), (28, 4), (9, 3)])
+def test_decode_matches_reference_on_cuda(dtype, block_size, head_dim, num_heads, num_kv_heads):
+    seed = int(torch.randint(0, 2**31, ()).item())
+    lens = [1, 3, block_size, block_size + 1, 2 * block_size - 1, 77, 300]
+    batch = [t.cuda() for t in random_paged_batch(lens, num_heads, num_kv_heads, head_dim, block_size, seed, dtype)]
+    got = paged_attention_decode(*batch, head_dim**-0.5)
+    as_fp64 = [t.double() if t.is_floating_point() else t for t in batch]
+    want = paged_attention_decode_reference(*as_fp64, head_dim**-0.5)
+    assert relative_error(got, want) < TOLERANCE[dtype], f"seed {seed}"
+
+
+def test_decode_on_cuda_is_stable_at_32k_context():
+    batch = [t.cuda() for t in random_paged_batch([32768, 7], 8, 2, 128, 16, seed=1)]
+    query = batch[0] * 8
+    got = paged_attention_decode(query, *batch[1:], 1.0)
+    want = paged_attention_decode_reference(*(t.double() if t.is_floating_point() else t for t in (query, *batch[1:])), 1.0)
+    assert torch.isfinite(got).all() and relative_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reshape_and_cache_on_cuda_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    caches = [torch.full((12, 16, 4, 128), POISON, dtype=dtype, device="cuda") for _ in range(4)]
+    slots = torch.randperm(12 * 16, generator=gen)[:50].cuda()
+    slots[::7] = -1
+    fused = torch.randn(50, 3 * 4 * 128, generator=gen).to(dtype).cuda()  # strided rows, as from qkv_proj
+    key, value = fused[:, 512:1024].view(50, 4, 128), fused[:, 1024:].view(50, 4, 128)
+    reshape_and_cache(key, value, caches[0], caches[1], slots)
+    reshape_and_cache_reference(key, value, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+def test_engine_greedy_equals_transformers_in_fp32_on_cuda(make_llm, model_dir):
+    from server.models import ModelConfig
+
+    prompts = random_prompts(16, ModelConfig.from_model_dir(model_dir).vocab_size - 20, seed=7)
+    llm = make_llm(model_dir, device="cuda", dtype="float32", num_kv_blocks=256)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24))
+    assert [o.token_ids for o in outputs] == hf_greedy(model_dir, prompts, 24)
