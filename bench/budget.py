@@ -1,0 +1,170 @@
+"""Budget forcing in the engine vs the s1 repository's loop on the same engine, in one invocation.
+
+    (a) in-engine: one request per question with ThinkBudget(min_think, max_waits=4); Waits are
+        appended inside the decode loop.
+    (b) the s1 loop: generate until the end-of-thinking delimiter, then re-submit prompt + output
+        + "Wait" as a new request, 4 times, then the answer (what simplescaling/s1's README does),
+        with prefix caching off and on. All questions advance through the rounds together.
+With min_think close to max_tokens the model tries to stop thinking (SmolLM2 by EOS, which counts
+as an attempt, as in the s1 script) and gets up to 4 Waits; `--bias` adds a logit bias on the
+delimiter's first token, for models that rarely try. Budget overhead: the same requests without a budget
+vs with `max_think` only (set so it never triggers; the delimiter suppressed in both), exactly
+the same tokens computed. Prints a table, writes raw JSON to bench/results/.
+
+    python bench/budget.py                      # the embedded default model
+    python bench/budget.py --model DIR --num-requests 32 --max-tokens 160
+"""
+
+import argparse
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from server.cli import resolve_model_dir
+from server.engine import LLM, SamplingParams, ThinkBudget
+
+WAITS = 4
+
+
+def questions(n: int) -> list[str]:
+    return [f"What is {17 + 3 * i} times {23 + 7 * i}? Think step by step." for i in range(n)]
+
+
+def in_engine(llm: LLM, prompts: list[list[int]], max_tokens: int, bias: dict, min_think: int) -> dict:
+    sampling = SamplingParams(temperature=0, max_tokens=max_tokens, logit_bias=bias)
+    budget = ThinkBudget(min_think=min_think, max_waits=WAITS)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, sampling, budget)
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "output_tokens": sum(len(o.token_ids) for o in outs),
+        "waits": [o.num_waits for o in outs],
+        "token_ids": [o.token_ids for o in outs],
+    }
+
+
+def s1_loop(llm: LLM, prompts: list[list[int]], max_tokens: int, bias: dict, min_think: int) -> dict:
+    """simplescaling/s1's budget forcing at the token level, every round re-submitted to `llm`."""
+    engine = llm.engine
+    think = engine.think_ids
+    eos = sorted(engine.eos_token_ids)
+    outs = [[] for _ in prompts]
+    waits = [0] * len(prompts)
+    thinking = list(range(len(prompts)))
+    done: set[int] = set()
+    start = time.perf_counter()
+    while thinking:  # one round: every request still thinking generates to its delimiter
+        params = [
+            SamplingParams(temperature=0, max_tokens=max_tokens - len(outs[i]), logit_bias=bias,
+                           stop_token_ids=(think.think_end[0], *eos))
+            for i in thinking
+        ]
+        results = llm.generate([prompts[i] + outs[i] for i in thinking], params)
+        still = []
+        for i, res in zip(thinking, results):
+            tokens = res.token_ids
+            stopped = res.finish_reason == "stop"
+            outs[i] += tokens[:-1] if stopped else tokens
+            if not stopped or len(outs[i]) >= max_tokens:
+                continue
+            if len(outs[i]) < min_think and waits[i] < WAITS:
+                outs[i] += list(think.wait)[: max_tokens - len(outs[i])]
+                waits[i] += 1
+                still.append(i)
+            elif tokens[-1] == think.think_end[0]:  # the model ended thinking: complete the delimiter
+                outs[i] += list(think.think_end)[: max_tokens - len(outs[i])]
+            else:  # EOS: the model ended the whole reply
+                outs[i].append(tokens[-1])
+                done.add(i)
+        thinking = [i for i in still if len(outs[i]) < max_tokens]
+    answering = [i for i in range(len(prompts)) if len(outs[i]) < max_tokens and i not in done]
+    if answering:  # the answer phase: one more request each
+        params = [SamplingParams(temperature=0, max_tokens=max_tokens - len(outs[i]), logit_bias=bias) for i in answering]
+        for i, res in zip(answering, llm.generate([prompts[i] + outs[i] for i in answering], params)):
+            outs[i] += res.token_ids
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "output_tokens": sum(map(len, outs)), "waits": waits, "token_ids": outs}
+
+
+def overhead(llm: LLM, prompts: list[list[int]], max_tokens: int, delimiter: int) -> dict:
+    """Identical work with and without a (never-triggering) budget."""
+    sampling = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logit_bias={delimiter: -100.0})
+    timings = {}
+    for name, budget in (("no_budget", None), ("max_think_only", ThinkBudget(max_think=max_tokens))):
+        start = time.perf_counter()
+        outs = llm.generate(prompts, sampling, budget)
+        timings[name] = {"seconds": time.perf_counter() - start, "output_tokens": sum(len(o.token_ids) for o in outs)}
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--min-think", type=int, default=150, help="high enough that all 4 Waits are needed")
+    parser.add_argument("--bias", type=float, default=0.0, help="logit bias on the delimiter's first token")
+    parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+
+    model_dir = resolve_model_dir(args.model)
+    runs, llms = {}, {}
+    for caching in (False, True):
+        llms[caching] = LLM(model_dir, enable_prefix_caching=caching)
+    engine = llms[False].engine
+    prompts = [engine.tokenizer(engine.render_chat([{"role": "user", "content": q}])).input_ids
+               for q in questions(args.num_requests)]
+    bias = {engine.think_ids.think_end[0]: args.bias} if args.bias else {}
+    for llm in llms.values():
+        llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+
+    runs["a_in_engine"] = in_engine(llms[False], prompts, args.max_tokens, bias, args.min_think)
+    print(f"(a) in-engine:            {runs['a_in_engine']['seconds']:.1f} s", flush=True)
+    runs["b_s1_loop_no_prefix_cache"] = s1_loop(llms[False], prompts, args.max_tokens, bias, args.min_think)
+    print(f"(b) s1 loop, no caching:  {runs['b_s1_loop_no_prefix_cache']['seconds']:.1f} s", flush=True)
+    runs["b_s1_loop_prefix_cache"] = s1_loop(llms[True], prompts, args.max_tokens, bias, args.min_think)
+    print(f"(b) s1 loop, caching:     {runs['b_s1_loop_prefix_cache']['seconds']:.1f} s", flush=True)
+    cost = overhead(llms[False], prompts, args.max_tokens, engine.think_ids.think_end[0])
+
+    a = runs["a_in_engine"]
+    a_tokens = a["token_ids"]
+    for run in runs.values():
+        run["tokens_per_s"] = run["output_tokens"] / run["seconds"]
+        run["same_tokens_as_a"] = sum(x == y for x, y in zip(run.pop("token_ids"), a_tokens))
+    summary = {
+        "a_vs_b_no_prefix_cache": runs["b_s1_loop_no_prefix_cache"]["seconds"] / a["seconds"],
+        "a_vs_b_prefix_cache": runs["b_s1_loop_prefix_cache"]["seconds"] / a["seconds"],
+        "budget_overhead": cost["max_think_only"]["seconds"] / cost["no_budget"]["seconds"] - 1,
+        "targets": {"a_vs_b_no_prefix_cache": ">= 1.5", "budget_overhead": "<= 0.05"},
+    }
+    result = {
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "model": model_dir,
+        "args": vars(args),
+        "runs": runs,
+        "overhead_runs": cost,
+        "summary": summary,
+    }
+    print(f"{'run':28s} {'seconds':>8s} {'tokens':>7s} {'tok/s':>7s} {'waits':>6s} {'same as (a)':>11s}")
+    for name, run in runs.items():
+        print(f"{name:28s} {run['seconds']:8.1f} {run['output_tokens']:7d} {run['tokens_per_s']:7.1f} "
+              f"{sum(run['waits']):6d} {run['same_tokens_as_a']:>8d}/{args.num_requests}")
+    for name, run in cost.items():
+        print(f"{name:28s} {run['seconds']:8.1f} {run['output_tokens']:7d}")
+    print(f"(a) is {summary['a_vs_b_no_prefix_cache']:.2f}x faster than (b) without prefix caching "
+          f"({summary['a_vs_b_prefix_cache']:.2f}x with); budget overhead {100 * summary['budget_overhead']:+.1f}%")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    name = Path(model_dir).name.lower()
+    (out_dir / f"budget-{stamp}-cpu-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
