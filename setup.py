@@ -5,8 +5,10 @@ the torch already installed (so install with `--no-build-isolation`): an isolate
 would fetch a different torch, and the extension's ABI would not match the one at run time.
 The CPU kernels are always built; the CUDA kernels (csrc/cuda/, plain CUDA) and their binding
 when the installed torch has CUDA. A compile error fails the install: there is no silent fallback.
+It also generates the gRPC stubs (server/api/v1/) from protos/.
 """
 
+import runpy
 from pathlib import Path
 
 import torch
@@ -24,5 +26,8 @@ if torch.version.cuda is not None and CUDA_HOME is not None:
     )
 else:
     extension = CppExtension("server._C", sources, extra_compile_args=["-O3"])
+
+# gRPC stubs are generated from protos/ on every build, never committed (needs grpcio-tools).
+runpy.run_path("protos/generate.py")["generate"]()
 
 setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension})

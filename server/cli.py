@@ -8,7 +8,9 @@ import time
 import types
 import typing
 
+from .api.config import ServerConfig
 from .engine.config import EngineConfig
+from .errors import InvalidConfigError
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
@@ -97,6 +99,51 @@ class PhasePrinter:
         self.out.write(delta.answer_text)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import uvloop
+
+    from .api.serve import S1Server
+
+    config = config_from_args(args, ServerConfig)
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise InvalidConfigError("--tls-cert and --tls-key go together")
+    engine_config = dataclasses.asdict(config_from_args(args, EngineConfig))
+    server = S1Server(resolve_model_dir(args.model), config, engine_config)
+    uvloop.run(server.serve_forever())
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    import grpc
+
+    from clients import S1Client
+
+    budget = dict(min_think=args.min_think, max_think=args.max_think, max_waits=args.max_waits, wait_string=args.wait)
+    kwargs = dict(messages=[{"role": "user", "content": args.prompt}], max_tokens=args.max_tokens,
+                  temperature=args.temperature, seed=args.sampling_seed, budget=not args.no_think,
+                  **({} if args.no_think else budget))
+    show, usage = PhasePrinter(sys.stdout), None
+    try:
+        with S1Client(args.server, api_key=args.api_key) as client:
+            for chunk in client.stream(**kwargs):
+                if args.no_think:
+                    sys.stdout.write(chunk.answer_text)
+                else:
+                    show(chunk)
+                sys.stdout.flush()
+                usage = chunk.usage or usage
+    except grpc.RpcError as err:
+        print(f"s1serve: error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 2
+    if usage:
+        print(f"\n[{usage.completion_tokens} tokens, thinking {usage.think_tokens}, answer {usage.answer_tokens}, "
+              f"waits {usage.num_waits}{', think end forced' if usage.think_end_forced else ''}, "
+              f"finish: {usage.finish_reason}, {usage.total_time_s:.2f} s]", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s1serve", description="Serve reasoning models with s1 budget forcing.")
     parser.add_argument("--log-level", default="WARNING")
@@ -119,6 +166,27 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--wait", help='the string appended instead of a premature end (default "Wait")')
     add_config_flags(gen, EngineConfig)
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="serve gRPC and OpenAI-compatible REST on one engine")
+    serve.add_argument("--model", help="Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+    add_config_flags(serve, ServerConfig)
+    add_config_flags(serve, EngineConfig)
+    serve.set_defaults(func=cmd_serve)
+
+    ask = sub.add_parser("ask", help="ask a running server (gRPC) and stream the reply, think and answer apart")
+    ask.add_argument("prompt")
+    ask.add_argument("--server", default="localhost:50051", help="gRPC address")
+    ask.add_argument("--api-key")
+    ask.add_argument("--max-tokens", type=int, default=1024)
+    ask.add_argument("--temperature", type=float, default=0.0)
+    ask.add_argument("--sampling-seed", type=int, default=None)
+    ask.add_argument("--no-think", action="store_true", help="no think phase (the model answers directly)")
+    ask_budget = ask.add_argument_group("think budget")
+    ask_budget.add_argument("--min-think", type=int)
+    ask_budget.add_argument("--max-think", type=int)
+    ask_budget.add_argument("--max-waits", type=int)
+    ask_budget.add_argument("--wait")
+    ask.set_defaults(func=cmd_ask)
     return parser
 
 

@@ -49,3 +49,11 @@ class RequestNotFoundError(S1ServeError, KeyError):
 class DuplicateRequestError(InvalidRequestError):
     def __init__(self, request_id: str):
         super().__init__("request_id", f"{request_id!r} is already in flight")
+
+
+class OverloadedError(S1ServeError):
+    """The waiting queue is full: retry later (RESOURCE_EXHAUSTED / 429)."""
+
+    def __init__(self, waiting: int, limit: int, retry_after_s: float = 1.0):
+        super().__init__(f"server overloaded: {waiting} requests waiting (limit {limit}); retry in {retry_after_s:g} s")
+        self.retry_after_s = retry_after_s

@@ -67,6 +67,15 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests submitted and not yet running (read from another thread: a snapshot)."""
+        return len(self.engine.scheduler.waiting) + self._inbox.qsize()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
     def abort(self, request_id: str) -> None:
         """Ask the engine to drop a request; it is freed before the next step runs."""
         self._inbox.put(("abort", request_id))

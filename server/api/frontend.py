@@ -1,0 +1,226 @@
+"""What the gRPC and REST fronts share: request validation, admission, the stream with its
+metrics and log line, feedback, and the load report. Nothing invalid reaches the engine: every
+field is checked here or in `LLMEngine.make_sequence` (called before the request is queued)."""
+
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ..engine import AsyncLLM, SamplingParams, StepOutput, ThinkBudget
+from ..errors import InvalidRequestError, OverloadedError, RequestNotFoundError
+from .metrics import Metrics, think_bucket
+
+logger = logging.getLogger("s1serve.requests")
+
+Prompt = str | list[int]
+
+
+@dataclass
+class ParsedRequest:
+    request_id: str
+    prompt: Prompt
+    sampling: SamplingParams
+    budget: ThinkBudget | None
+
+
+@dataclass
+class Usage:
+    """Accumulated over a stream; what both fronts report at the end."""
+
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    think_tokens: int = 0
+    answer_tokens: int = 0
+    completion_tokens: int = 0
+    num_waits: int = 0
+    think_end_forced: bool = False
+    finish_reason: str | None = None
+    time_to_first_token_s: float = 0.0
+    time_to_first_answer_token_s: float = 0.0
+    total_time_s: float = 0.0
+    token_ids: list[int] = field(default_factory=list)
+
+
+def _int_field(name: str, value, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(name, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise InvalidRequestError(name, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _float_field(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(name, f"must be a number, got {value!r}")
+    return float(value)
+
+
+class Frontend:
+    def __init__(self, llm: AsyncLLM, model_name: str, max_waiting: int = 256, default_max_tokens: int = 1024,
+                 feedback_memory: int = 100_000):
+        self.llm = llm
+        self.model_name = model_name
+        self.max_waiting = max_waiting
+        self.default_max_tokens = default_max_tokens
+        self.metrics = Metrics(model_name)
+        self._ids = itertools.count()
+        # request id -> think tokens of finished requests, for feedback bucketing (bounded)
+        self._finished: OrderedDict[str, int] = OrderedDict()
+        self._feedback_memory = feedback_memory
+
+    # ---- validation -----------------------------------------------------------------------------
+    def parse(
+        self, *, request_id: str = "", prompt: Prompt | None = None, messages: list[dict] | None = None,
+        temperature=None, top_p=None, top_k=None, seed=None, max_tokens=None, stop=None,
+        budget: dict | None = None,
+    ) -> ParsedRequest:
+        """Turn API fields into engine parameters; raises InvalidRequestError naming the field."""
+        if prompt is not None and messages is not None:
+            raise InvalidRequestError("prompt", "give either prompt or messages, not both")
+        if messages is not None:
+            prompt = self.llm.engine.render_chat(self._check_messages(messages))
+        if prompt is None:
+            raise InvalidRequestError("prompt", "is required (or messages)")
+        if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
+            raise InvalidRequestError("prompt", "must be a string or a list of token ids")
+        kwargs = {}
+        if temperature is not None:
+            kwargs["temperature"] = _float_field("temperature", temperature)
+        if top_p is not None:
+            kwargs["top_p"] = _float_field("top_p", top_p)
+        if top_k is not None:
+            kwargs["top_k"] = _int_field("top_k", top_k)
+        if seed is not None:
+            kwargs["seed"] = _int_field("seed", seed)
+        kwargs["max_tokens"] = _int_field("max_tokens", max_tokens, 1) if max_tokens is not None else self.default_max_tokens
+        if stop is not None:
+            stop = [stop] if isinstance(stop, str) else stop
+            if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+                raise InvalidRequestError("stop", "must be a string or a list of strings")
+            kwargs["stop"] = tuple(stop)
+        sampling = SamplingParams(**kwargs)
+        think = None
+        if budget is not None:
+            values = {k: _int_field(k, budget.get(k) or 0) for k in ("min_think", "max_think", "max_waits")}
+            wait = budget.get("wait_string") or None
+            if wait is not None and not isinstance(wait, str):
+                raise InvalidRequestError("wait_string", "must be a string")
+            try:
+                think = ThinkBudget(**{k: v or None for k, v in values.items()}, wait=wait)
+            except InvalidRequestError as exc:
+                raise _renamed(exc) from None
+        if request_id and not isinstance(request_id, str):
+            raise InvalidRequestError("request_id", "must be a string")
+        return ParsedRequest(request_id or f"req-{next(self._ids)}", prompt, sampling, think)
+
+    @staticmethod
+    def _check_messages(messages) -> list[dict]:
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequestError("messages", "must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise InvalidRequestError(f"messages[{i}].role", "must be system, user or assistant")
+            if not isinstance(m.get("content"), str):
+                raise InvalidRequestError(f"messages[{i}].content", "must be a string")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    # ---- serving --------------------------------------------------------------------------------
+    def admit(self) -> None:
+        waiting = self.llm.num_waiting
+        if waiting >= self.max_waiting:
+            self.metrics.rejected.labels(self.model_name, "overloaded").inc()
+            raise OverloadedError(waiting, self.max_waiting)
+
+    async def stream(self, req: ParsedRequest, usage: Usage) -> AsyncIterator[StepOutput]:
+        """The request's deltas; fills `usage` as it goes and records metrics when it ends.
+        Validation errors raise here, before the first delta (and before the engine sees it)."""
+        self.admit()
+        m, model = self.metrics, self.model_name
+        start = last = time.perf_counter()
+        rejected = False
+        try:
+            async for delta in self.llm.generate(req.prompt, req.sampling, req.request_id, req.budget):
+                now = time.perf_counter()
+                if delta.new_token_ids:
+                    if not usage.token_ids:
+                        usage.time_to_first_token_s = now - start
+                        m.ttft.labels(model).observe(now - start)
+                    else:
+                        m.itl.labels(model, delta.phase).observe(now - last)
+                    if delta.answer_tokens and not usage.time_to_first_answer_token_s and req.budget is not None:
+                        usage.time_to_first_answer_token_s = now - start
+                        m.ttfat.labels(model).observe(now - start)
+                    last = now
+                usage.token_ids += delta.new_token_ids
+                usage.prompt_tokens, usage.cached_prompt_tokens = delta.num_prompt_tokens, delta.num_cached_tokens
+                usage.think_tokens, usage.answer_tokens = delta.think_tokens, delta.answer_tokens
+                usage.num_waits, usage.think_end_forced = delta.num_waits, delta.think_end_forced
+                usage.completion_tokens = len(usage.token_ids)
+                usage.finish_reason = delta.finish_reason
+                yield delta
+        except InvalidRequestError as exc:
+            rejected = True  # make_sequence refused it: the engine never saw it
+            m.rejected.labels(model, "invalid").inc()
+            raise _renamed(exc) from None
+        finally:
+            if not rejected:
+                usage.total_time_s = time.perf_counter() - start
+                usage.finish_reason = usage.finish_reason or "abort"  # the client left early
+                self._record(req, usage)
+
+    def _record(self, req: ParsedRequest, usage: Usage) -> None:
+        m, model = self.metrics, self.model_name
+        m.requests.labels(model, usage.finish_reason, str(req.budget is not None).lower()).inc()
+        m.prompt_tokens.labels(model).inc(usage.prompt_tokens)
+        m.think_tokens.labels(model).inc(usage.think_tokens)
+        m.answer_tokens.labels(model).inc(usage.answer_tokens)
+        m.waits.labels(model).inc(usage.num_waits)
+        m.forced_ends.labels(model).inc(int(usage.think_end_forced))
+        m.prompt_hist.labels(model).observe(usage.prompt_tokens)
+        m.think_hist.labels(model).observe(usage.think_tokens)
+        m.answer_hist.labels(model).observe(usage.answer_tokens)
+        m.e2e.labels(model).observe(usage.total_time_s)
+        self._finished[req.request_id] = usage.think_tokens
+        while len(self._finished) > self._feedback_memory:
+            self._finished.popitem(last=False)
+        logger.info(
+            "request %s finished (%s): prompt %d, think %d, answer %d tokens, waits %d%s, %.3f s",
+            req.request_id, usage.finish_reason, usage.prompt_tokens, usage.think_tokens, usage.answer_tokens,
+            usage.num_waits, ", think end forced" if usage.think_end_forced else "", usage.total_time_s,
+        )
+
+    def feedback(self, request_id: str, correct: bool, score: float | None = None) -> None:
+        if request_id not in self._finished:
+            raise RequestNotFoundError(request_id)
+        outcome = "correct" if correct else "incorrect"
+        self.metrics.feedback.labels(self.model_name, outcome, think_bucket(self._finished[request_id])).inc()
+        logger.info("feedback for %s: %s%s", request_id, outcome, f" (score {score})" if score is not None else "")
+
+    def abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.llm.abort(request_id)
+
+    def load(self) -> dict:
+        engine = self.llm.engine
+        bm = engine.block_manager
+        load = {
+            "running": self.llm.num_running,
+            "waiting": self.llm.num_waiting,
+            "kv_cache_usage": bm.usage,
+            "num_kv_blocks": bm.num_blocks,
+            "free_kv_blocks": bm.num_free_blocks,
+        }
+        hit = bm.prefix_hit_tokens / bm.prefix_query_tokens if bm.prefix_query_tokens else 0.0
+        self.metrics.set_load(load["running"], load["waiting"], load["kv_cache_usage"], hit,
+                              engine.scheduler.num_preemptions)
+        return load
+
+
+def _renamed(exc: InvalidRequestError) -> InvalidRequestError:
+    """ThinkBudget names its string `wait`; the APIs call it `wait_string`."""
+    if exc.field == "wait":
+        return InvalidRequestError("wait_string", exc.message)
+    return exc

@@ -1,0 +1,180 @@
+"""The gRPC front (`s1serve.v1.Generation`) on grpc.aio, with the standard health service
+(NOT_SERVING until the model is loaded and warmed), server reflection and optional API-key auth."""
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..errors import InvalidRequestError, OverloadedError, RequestNotFoundError, S1ServeError
+from .frontend import Frontend, Usage
+from .v1 import generation_pb2 as pb
+from .v1 import generation_pb2_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+MAX_MESSAGE_BYTES = 64 * 2**20
+PHASES = {"think": pb.PHASE_THINK, "answer": pb.PHASE_ANSWER}
+EVENTS = {"WAIT_INSERTED": pb.WAIT_INSERTED, "THINK_END_FORCED": pb.THINK_END_FORCED}
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and tools need no key
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, api_key: str):
+        self.expected = f"Bearer {api_key}"
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (authorization: Bearer ...)")
+
+        self._deny = deny
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(OPEN_METHODS):
+            return await continuation(details)
+        metadata = dict(details.invocation_metadata or ())
+        if metadata.get("authorization") == self.expected:
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        if handler.unary_stream:
+            async def deny_stream(request, context):
+                await self._deny(request, context)
+                yield  # pragma: no cover  (abort raises)
+            return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(self._deny, handler.request_deserializer, handler.response_serializer)
+
+
+def _parse(frontend: Frontend, request: pb.GenerateRequest):
+    s = request.sampling
+    kwargs = dict(
+        request_id=request.request_id,
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        top_k=s.top_k if s.HasField("top_k") else None,
+        seed=s.seed if s.HasField("seed") else None,
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+        stop=list(s.stop) or None,
+    )
+    which = request.WhichOneof("input")
+    if which == "prompt":
+        kwargs["prompt"] = request.prompt
+    elif which == "messages":
+        kwargs["messages"] = [{"role": m.role, "content": m.content} for m in request.messages.messages]
+    if request.HasField("budget"):
+        b = request.budget
+        kwargs["budget"] = dict(min_think=b.min_think, max_think=b.max_think, max_waits=b.max_waits,
+                                wait_string=b.wait_string)
+    return frontend.parse(**kwargs)
+
+
+def _usage(u: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=u.prompt_tokens, cached_prompt_tokens=u.cached_prompt_tokens, think_tokens=u.think_tokens,
+        answer_tokens=u.answer_tokens, completion_tokens=u.completion_tokens, num_waits=u.num_waits,
+        think_end_forced=u.think_end_forced, finish_reason=u.finish_reason or "", total_time_s=u.total_time_s,
+        time_to_first_token_s=u.time_to_first_token_s, time_to_first_answer_token_s=u.time_to_first_answer_token_s,
+    )
+
+
+async def _abort_with(context, exc: Exception):
+    if isinstance(exc, InvalidRequestError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, OverloadedError):
+        context.set_trailing_metadata((("retry-after", f"{exc.retry_after_s:g}"),))
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, RequestNotFoundError):
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: {exc.args[0]!r} is not a finished request")
+    await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+class GenerationService(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, frontend: Frontend):
+        self.frontend = frontend
+
+    async def Generate(self, request, context):
+        usage = Usage()
+        parts = {"text": [], "think": [], "answer": []}
+        try:
+            req = _parse(self.frontend, request)
+            async for delta in self.frontend.stream(req, usage):
+                parts["text"].append(delta.new_text)
+                parts["think"].append(delta.think_text)
+                parts["answer"].append(delta.answer_text)
+        except S1ServeError as exc:
+            await _abort_with(context, exc)
+        return pb.GenerateResponse(
+            request_id=req.request_id, text="".join(parts["text"]), think_text="".join(parts["think"]),
+            answer_text="".join(parts["answer"]), token_ids=usage.token_ids, usage=_usage(usage),
+        )
+
+    async def GenerateStream(self, request, context):
+        usage = Usage()
+        try:
+            req = _parse(self.frontend, request)
+            async for delta in self.frontend.stream(req, usage):
+                deltas = [pb.TextDelta(phase=p, text=t)
+                          for p, t in ((pb.PHASE_THINK, delta.think_text), (pb.PHASE_ANSWER, delta.answer_text)) if t]
+                message = pb.GenerateStreamResponse(
+                    request_id=req.request_id, deltas=deltas, token_ids=delta.new_token_ids,
+                    events=[EVENTS[e] for e in delta.events], phase=PHASES[delta.phase],
+                )
+                if delta.finished:
+                    message.usage.CopyFrom(_usage(usage))
+                yield message
+        except S1ServeError as exc:
+            await _abort_with(context, exc)
+
+    async def Feedback(self, request, context):
+        if request.outcome == pb.FeedbackRequest.OUTCOME_UNSPECIFIED:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "outcome: must be CORRECT or INCORRECT")
+        try:
+            self.frontend.feedback(request.request_id, request.outcome == pb.FeedbackRequest.CORRECT,
+                                   request.score if request.HasField("score") else None)
+        except S1ServeError as exc:
+            await _abort_with(context, exc)
+        return pb.FeedbackResponse()
+
+    async def Abort(self, request, context):
+        running = set(self.frontend.llm.engine.sequences)
+        self.frontend.abort(list(request.request_ids))
+        return pb.AbortResponse(aborted=[r for r in request.request_ids if r in running])
+
+    async def GetModelInfo(self, request, context):
+        engine = self.frontend.llm.engine
+        info = pb.ModelInfo(
+            model=self.frontend.model_name, model_type=engine.model_config.model_type,
+            max_model_len=engine.max_model_len, max_num_seqs=engine.config.max_num_seqs,
+            max_waiting_requests=self.frontend.max_waiting, default_max_tokens=self.frontend.default_max_tokens,
+        )
+        if engine.think_template:
+            t = engine.think_template
+            info.think_template.CopyFrom(pb.ThinkTemplate(
+                name=t.name, think_start=t.think_start, think_end=t.think_end, answer_prefix=t.answer_prefix, wait=t.wait
+            ))
+        return info
+
+    async def GetLoad(self, request, context):
+        return pb.Load(**self.frontend.load())
+
+
+def build_grpc_server(frontend: Frontend, address: str, api_key: str | None = None,
+                      tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """A server on `address` (port 0 = any free port) that is not started yet, its health servicer
+    (set SERVING once warmed up), and the bound port."""
+    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
+    server = grpc.aio.server(interceptors=interceptors, options=options)
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(frontend), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if tls:
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+    else:
+        port = server.add_insecure_port(address)
+    return server, health_servicer, port
+
+
+async def set_serving(health_servicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)

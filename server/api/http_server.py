@@ -1,0 +1,228 @@
+"""The OpenAI-compatible REST front on aiohttp, in the same process and on the same engine as gRPC.
+
+`POST /v1/completions`, `POST /v1/chat/completions` (SSE with `"stream": true`), `GET /v1/models`,
+`POST /v1/feedback`, `GET /health`, `GET /metrics`. Budgets are extra body fields (`min_think`,
+`max_think`, `max_waits`, `wait_string`; any of them turns budget forcing on); the thinking comes
+back as `reasoning_content` and its length as `usage.completion_tokens_details.reasoning_tokens`,
+as vLLM's reasoning outputs do, so the official `openai` SDK works unchanged (`extra_body`).
+"""
+
+import json
+import time
+import uuid
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..errors import InvalidRequestError, OverloadedError, RequestNotFoundError, S1ServeError
+from .frontend import Frontend, Usage
+
+BUDGET_FIELDS = ("min_think", "max_think", "max_waits", "wait_string")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop")
+KNOWN = {"model", "prompt", "messages", "stream", "stream_options", "n", "user", "request_id",
+         *SAMPLING_FIELDS, *BUDGET_FIELDS, "max_completion_tokens"}
+OPEN_PATHS = ("/health", "/metrics")
+
+
+def error_response(status: int, message: str, kind: str, param: str | None = None,
+                   headers: dict | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def to_http_error(exc: Exception) -> web.Response:
+    if isinstance(exc, InvalidRequestError):
+        return error_response(400, str(exc), "invalid_request_error", exc.field)
+    if isinstance(exc, OverloadedError):
+        return error_response(429, str(exc), "rate_limit_error", headers={"Retry-After": f"{exc.retry_after_s:g}"})
+    if isinstance(exc, RequestNotFoundError):
+        return error_response(404, f"request_id: {exc.args[0]!r} is not a finished request", "not_found_error", "request_id")
+    return error_response(500, f"{type(exc).__name__}: {exc}", "server_error")
+
+
+def usage_json(u: Usage) -> dict:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
+        "completion_tokens_details": {"reasoning_tokens": u.think_tokens},
+        "num_waits": u.num_waits,
+        "think_end_forced": u.think_end_forced,
+    }
+
+
+class HttpFront:
+    def __init__(self, frontend: Frontend, api_key: str | None = None):
+        self.frontend = frontend
+        self.api_key = api_key
+        self.ready = False  # /health answers 503 until the engine is warmed up
+        self.app = web.Application(middlewares=[self._errors_and_auth], client_max_size=64 * 2**20)
+        self.app.add_routes([
+            web.post("/v1/completions", self.completions),
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.get("/v1/models", self.models),
+            web.post("/v1/feedback", self.feedback),
+            web.get("/health", self.health),
+            web.get("/metrics", self.metrics),
+        ])
+
+    @web.middleware
+    async def _errors_and_auth(self, request: web.Request, handler):
+        if self.api_key and not request.path.startswith(OPEN_PATHS):
+            if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+                return error_response(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status == 404:
+                return error_response(404, f"no route {request.method} {request.path}", "not_found_error")
+            if exc.status == 405:
+                return error_response(405, f"{request.method} is not allowed on {request.path}", "invalid_request_error")
+            raise
+        except S1ServeError as exc:
+            return to_http_error(exc)
+
+    async def _body(self, request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InvalidRequestError("body", "is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise InvalidRequestError("body", "must be a JSON object")
+        unknown = sorted(set(body) - KNOWN)
+        if unknown:
+            raise InvalidRequestError(unknown[0], "is not a supported field")
+        if body.get("n", 1) != 1:
+            raise InvalidRequestError("n", "only n=1 is supported")
+        model = body.get("model")
+        if model not in (None, self.frontend.model_name):
+            raise InvalidRequestError("model", f"{model!r} is not served here; this server serves {self.frontend.model_name!r}")
+        if not isinstance(body.get("stream", False), bool):
+            raise InvalidRequestError("stream", "must be a boolean")
+        return body
+
+    def _parse(self, body: dict, kind: str, prefix: str):
+        sampling = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+        if body.get("max_completion_tokens") is not None:
+            sampling["max_tokens"] = body["max_completion_tokens"]
+        budget = {k: body[k] for k in BUDGET_FIELDS if k in body}
+        request_id = body.get("request_id") or f"{prefix}-{uuid.uuid4().hex[:24]}"
+        if kind == "chat":
+            if "messages" not in body:
+                raise InvalidRequestError("messages", "is required")
+            return self.frontend.parse(request_id=request_id, messages=body["messages"], budget=budget or None, **sampling)
+        if "prompt" not in body:
+            raise InvalidRequestError("prompt", "is required")
+        return self.frontend.parse(request_id=request_id, prompt=body["prompt"], budget=budget or None, **sampling)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "text_completion")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "chat.completion")
+
+    async def _serve(self, request: web.Request, obj: str) -> web.StreamResponse:
+        body = await self._body(request)
+        chat = obj == "chat.completion"
+        req = self._parse(body, "chat" if chat else "text", "chatcmpl" if chat else "cmpl")
+        budgeted = req.budget is not None
+        usage = Usage()
+        created = int(time.time())
+        model = self.frontend.model_name
+        stream = self.frontend.stream(req, usage)
+        if not body.get("stream"):
+            think, answer, text = [], [], []
+            async for delta in stream:
+                think.append(delta.think_text)
+                answer.append(delta.answer_text)
+                text.append(delta.new_text)
+            content = "".join(answer) if budgeted else "".join(text)
+            reasoning = "".join(think) if budgeted else None
+            if chat:
+                message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+                choice = {"index": 0, "message": message, "finish_reason": usage.finish_reason}
+            else:
+                choice = {"index": 0, "text": content, "reasoning_content": reasoning, "logprobs": None,
+                          "finish_reason": usage.finish_reason}
+            return web.json_response({"id": req.request_id, "object": obj, "created": created, "model": model,
+                                      "choices": [choice], "usage": usage_json(usage)})
+
+        # SSE. The first delta is awaited before the headers go out, so a request the engine
+        # rejects still gets a plain 400/429 instead of a broken stream.
+        iterator = stream.__aiter__()
+        try:
+            first = await iterator.__anext__()
+        except StopAsyncIteration:
+            first = None
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def send(choice: dict, with_usage: bool = False) -> None:
+            payload = {"id": req.request_id, "object": chunk_obj, "created": created, "model": model,
+                       "choices": [choice] if choice else []}
+            if with_usage:
+                payload["usage"] = usage_json(usage)
+            await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+
+        async def deltas():
+            if first is not None:
+                yield first
+            async for d in iterator:
+                yield d
+
+        if chat:
+            await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        async for d in deltas():
+            content = d.answer_text if budgeted else d.new_text
+            reasoning = d.think_text if budgeted else ""
+            finish = d.finish_reason if d.finished else None
+            if not (content or reasoning or finish):
+                continue
+            if chat:
+                delta = {k: v for k, v in (("content", content), ("reasoning_content", reasoning)) if v}
+                await send({"index": 0, "delta": delta, "finish_reason": finish})
+            else:
+                await send({"index": 0, "text": content, "reasoning_content": reasoning or None, "logprobs": None,
+                            "finish_reason": finish})
+        if include_usage:
+            await send({}, with_usage=True)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def models(self, request: web.Request) -> web.Response:
+        engine = self.frontend.llm.engine
+        return web.json_response({"object": "list", "data": [{
+            "id": self.frontend.model_name, "object": "model", "created": 0, "owned_by": "s1serve",
+            "max_model_len": engine.max_model_len,
+            "think_template": engine.think_template.name if engine.think_template else None,
+        }]})
+
+    async def feedback(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InvalidRequestError("body", "is not valid JSON") from None
+        if not isinstance(body, dict) or not isinstance(body.get("request_id"), str):
+            raise InvalidRequestError("request_id", "is required")
+        outcome = body.get("outcome")
+        if outcome not in ("correct", "incorrect"):
+            raise InvalidRequestError("outcome", "must be 'correct' or 'incorrect'")
+        score = body.get("score")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+            raise InvalidRequestError("score", "must be a number")
+        self.frontend.feedback(body["request_id"], outcome == "correct", score)
+        return web.json_response({})
+
+    async def health(self, request: web.Request) -> web.Response:
+        if not self.ready:
+            return web.json_response({"status": "starting"}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        self.frontend.load()  # refresh the gauges
+        return web.Response(body=generate_latest(self.frontend.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
