@@ -56,7 +56,6 @@ def s1_loop(llm: LLM, prompts: list[list[int]], max_tokens: int, bias: dict, min
     outs = [[] for _ in prompts]
     waits = [0] * len(prompts)
     thinking = list(range(len(prompts)))
-    done: set[int] = set()
     start = time.perf_counter()
     while thinking:  # one round: every request still thinking generates to its delimiter
         params = [
@@ -76,13 +75,10 @@ def s1_loop(llm: LLM, prompts: list[list[int]], max_tokens: int, bias: dict, min
                 outs[i] += list(think.wait)[: max_tokens - len(outs[i])]
                 waits[i] += 1
                 still.append(i)
-            elif tokens[-1] == think.think_end[0]:  # the model ended thinking: complete the delimiter
+            else:  # the model ended thinking (delimiter or EOS): complete the delimiter, then answer
                 outs[i] += list(think.think_end)[: max_tokens - len(outs[i])]
-            else:  # EOS: the model ended the whole reply
-                outs[i].append(tokens[-1])
-                done.add(i)
         thinking = [i for i in still if len(outs[i]) < max_tokens]
-    answering = [i for i in range(len(prompts)) if len(outs[i]) < max_tokens and i not in done]
+    answering = [i for i in range(len(prompts)) if len(outs[i]) < max_tokens]
     if answering:  # the answer phase: one more request each
         params = [SamplingParams(temperature=0, max_tokens=max_tokens - len(outs[i]), logit_bias=bias) for i in answering]
         for i, res in zip(answering, llm.generate([prompts[i] + outs[i] for i in answering], params)):

@@ -144,6 +144,39 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from clients.errors import TaskError
+    from clients.eval import OfflineBackend, ServerBackend, SweepConfig, load_task, run_sweep
+
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        budgets = []
+    try:
+        cfg = SweepConfig(budgets=budgets, min_think=args.min_think, max_waits=args.max_waits, samples=args.samples,
+                          temperature=args.temperature, seed=args.sampling_seed, answer_tokens=args.answer_tokens,
+                          rejection_tries=args.compare_rejection, concurrency=args.concurrency)
+        questions = load_task(args.task, args.grader, args.limit)
+    except TaskError as exc:
+        print(f"s1serve: error: {exc}", file=sys.stderr)
+        return 2
+    if args.server:
+        backend = ServerBackend(args.server, args.api_key)
+    else:
+        backend = OfflineBackend(resolve_model_dir(args.model), **dataclasses.asdict(config_from_args(args, EngineConfig)))
+    summary = run_sweep(questions, cfg, backend, Path(args.out), resume=args.resume)
+    for method, scores in summary["methods"].items():
+        print(f"{method}: control {scores['control']:.2f}, scaling {scores['scaling_per_1k_tokens']:+.3f}/1k tokens, "
+              f"performance {scores['performance']:.3f}")
+        for p in scores["per_budget"]:
+            print(f"  budget {p['budget']:>6}: accuracy {p['accuracy']:.3f}, thinking mean {p['mean_think_tokens']:.0f} "
+                  f"p90 {p['p90_think_tokens']:.0f}, waits {p['mean_waits']:.2f}")
+    print(f"results in {args.out}/ (results.jsonl, summary.json, *.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s1serve", description="Serve reasoning models with s1 budget forcing.")
     parser.add_argument("--log-level", default="WARNING")
@@ -187,6 +220,29 @@ def build_parser() -> argparse.ArgumentParser:
     ask_budget.add_argument("--max-waits", type=int)
     ask_budget.add_argument("--wait")
     ask.set_defaults(func=cmd_ask)
+
+    ev = sub.add_parser("eval", help="budget sweep: accuracy against thinking tokens, the s1 scores, plots")
+    ev.add_argument("task", help="task file (JSONL / Parquet / save_to_disk dir) or the bundled 'arith'")
+    where = ev.add_mutually_exclusive_group()
+    where.add_argument("--server", help="gRPC address of a running server (feedback is sent there)")
+    where.add_argument("--model", help="run offline on this model directory (default: the embedded model)")
+    ev.add_argument("--api-key")
+    ev.add_argument("--budgets", default="256,512,1024,2048,4096", help="max_think values, increasing")
+    ev.add_argument("--min-think", type=int, help="also force thinking up to this (capped at each budget)")
+    ev.add_argument("--max-waits", type=int)
+    ev.add_argument("--samples", type=int, default=1, help="runs per question and budget")
+    ev.add_argument("--temperature", type=float, default=0.0)
+    ev.add_argument("--sampling-seed", type=int, default=0)
+    ev.add_argument("--answer-tokens", type=int, default=512, help="room for the answer after thinking")
+    ev.add_argument("--grader", help="math | multiple_choice | exact | normalized | code (default: the task's)")
+    ev.add_argument("--limit", type=int, help="only the first N questions")
+    ev.add_argument("--concurrency", type=int, default=16)
+    ev.add_argument("--compare-rejection", type=int, default=0, metavar="K",
+                    help="also run length rejection sampling with up to K tries")
+    ev.add_argument("--out", default="eval-out")
+    ev.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.jsonl")
+    add_config_flags(ev, EngineConfig)
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -7,6 +7,8 @@ append instead, as phase-tagged segments:
 - the first token of `think_end` (or EOS) while `think_tokens < min_think` and Waits remain is
   discarded and the `wait` tokens are appended ("Wait": the model keeps thinking);
 - the first token of `think_end` otherwise ends thinking, and the engine completes the delimiter;
+  EOS in the think phase is treated the same way (the s1 loop stops thinking at EOS too and
+  then asks for the answer), so a budgeted reply always reaches its answer phase;
 - reaching `max_think` appends `think_end + answer_prefix` (the forced end).
 Catching the delimiter at its first token means it never reaches the client or the KV cache,
 so nothing is rolled back and the prompt is never re-prefilled. Forced tokens then go through the
@@ -117,15 +119,15 @@ class ThinkState:
             thinking = list(self.wait[: b.max_think - self.think_tokens] if b.max_think else self.wait)
             self.num_waits += 1
             self.events.append(Event.WAIT_INSERTED)
-        elif sampled == self.tokens.think_end[0]:
+        elif ends_thinking:  # the model's own end (or EOS, as in the s1 loop): complete the delimiter
             self.phase = Phase.ANSWER
-            return [(Phase.DELIMITER, list(self.tokens.think_end[:room]))]  # the model's own end, completed
+            return [(Phase.DELIMITER, list(self.tokens.think_end[:room]))]
         else:
             thinking = [sampled]
         thinking = thinking[:room]
         self.think_tokens += len(thinking)
         segments = [(Phase.THINK, thinking)]
-        if b.max_think and self.think_tokens >= b.max_think and not is_eos:
+        if b.max_think and self.think_tokens >= b.max_think:
             self.phase = Phase.ANSWER
             self.think_end_forced = True
             self.events.append(Event.THINK_END_FORCED)

@@ -6,8 +6,9 @@ delimiter (or EOS) with at most the remaining thinking budget; if thinking is st
 append "Wait" to the prompt and generate again with what is left of the budget; finally force the
 delimiter and the answer prefix and generate the answer. Every call re-prefills the whole prompt,
 which is exactly what the engine's in-loop version avoids. Differences from the s1 script, all
-from DESIGN.md: inserted Wait tokens count as thinking; a model that ends thinking on its own gets
-its delimiter completed (no answer prefix); `max_tokens` bounds all generated tokens.
+from DESIGN.md: inserted Wait tokens count as thinking; a model that ends thinking on its own (its
+delimiter or EOS, where s1 stops too) gets the delimiter completed (no answer prefix) and then
+answers; `max_tokens` bounds all generated tokens.
 """
 
 import torch
@@ -83,10 +84,7 @@ def s1_reference(
                 out += list(think.think_end) + list(think.answer_prefix)
                 break
             continue
-        if stopped_at in eos and stopped_at != think.think_end[0]:
-            out.append(stopped_at)  # the model ended the whole reply while thinking
-            return dict(token_ids=out[:max_tokens], think_tokens=num_think + 1, num_waits=num_waits, forced=False)
-        out += list(think.think_end)  # the model ended thinking itself; complete its delimiter
+        out += list(think.think_end)  # the model ended thinking itself (delimiter or EOS): complete the delimiter
         break
     out = out[:max_tokens]
     tokens, stopped_at = greedy_until(model, prompt + out, room(), eos, bias)  # the answer phase

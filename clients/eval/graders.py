@@ -1,0 +1,140 @@
+"""Graders: does a reply's final answer match the reference? One function per kind of task.
+
+Each takes (reply text, reference answer, question record) and returns True/False. Replies are
+the answer phase when the request had a think phase (the thinking may try many candidates).
+"""
+
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+
+from ..errors import TaskError
+
+Grader = Callable[[str, str, dict], bool]
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None
+
+
+_ANSWER_LINE = re.compile(r"(?:final answer|answer)\s*(?:is)?\s*[:：]\s*(.+)", re.IGNORECASE)
+
+
+def extract_final_answer(text: str) -> str:
+    """The last \\boxed{} value, else what follows the last "Answer:", else the last line."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    matches = _ANSWER_LINE.findall(text)
+    if matches:
+        return matches[-1].strip().rstrip(".")
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def math_grader(reply: str, reference: str, record: dict) -> bool:
+    """Symbolic equivalence with math-verify (fractions, decimals, LaTeX, sets, intervals)."""
+    from math_verify import parse, verify
+
+    candidate = extract_final_answer(reply)
+    if not candidate:
+        return False
+    gold = parse(f"${reference}$") or parse(reference)
+    answer = parse(f"${candidate}$") or parse(candidate)
+    return bool(gold and answer and verify(gold, answer))
+
+
+_STANDALONE = r"(?<![A-Za-z])\(?([A-J])\)?(?![A-Za-z])"
+_LETTER_PATTERNS = [
+    re.compile(r"answer\s*(?:is|:|：)\s*\(?([A-J])\)?(?![A-Za-z])", re.IGNORECASE),  # "Answer: C", "answer is (C)"
+    re.compile(r"\(([A-J])\)"),  # "(C)"
+]
+
+
+def multiple_choice_grader(reply: str, reference: str, record: dict) -> bool:
+    """The chosen letter, by precedence: \\boxed{C}; "answer is C" / "Answer: (C)"; the last "(C)";
+    the last standalone capital A-J of the last line (so "I think..." does not read as option I)."""
+    boxed = last_boxed(reply)
+    choice = None
+    if boxed is not None:
+        found = re.findall(_STANDALONE, boxed)
+        choice = found[-1] if found else None
+    for pattern in _LETTER_PATTERNS:
+        if choice is None:
+            found = pattern.findall(reply)
+            choice = found[-1].upper() if found else None
+    if choice is None:
+        lines = [line for line in reply.strip().splitlines() if line.strip()]
+        found = re.findall(_STANDALONE, lines[-1]) if lines else []
+        choice = found[-1] if found else None
+    return choice is not None and choice == reference.strip().strip("()").upper()
+
+
+def _normalize(text: str) -> str:
+    text = text.lower().strip()
+    text = re.sub(r"[^\w\s.-]", "", text)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split()).rstrip(".")
+
+
+def exact_grader(reply: str, reference: str, record: dict) -> bool:
+    return extract_final_answer(reply) == reference.strip()
+
+
+def normalized_grader(reply: str, reference: str, record: dict) -> bool:
+    """Case, punctuation, articles and whitespace ignored (SQuAD-style), numbers compared as numbers."""
+    got, want = _normalize(extract_final_answer(reply)), _normalize(reference)
+    try:
+        return float(got.replace(",", "")) == float(want.replace(",", ""))
+    except ValueError:
+        return got == want
+
+
+_CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
+
+
+def code_grader(reply: str, reference: str, record: dict, timeout_s: float = 10.0) -> bool:
+    """Runs the reply's last ```python block followed by the record's `tests` (asserts) in a fresh
+    interpreter: no network access is needed, and a loop or crash fails instead of hanging."""
+    blocks = _CODE_BLOCK.findall(reply)
+    code = blocks[-1] if blocks else reply
+    tests = record.get("tests") or reference
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/candidate.py"
+        with open(path, "w") as f:
+            f.write(code + "\n\n" + tests + "\n")
+        try:
+            result = subprocess.run([sys.executable, "-I", path], cwd=tmp, capture_output=True, timeout=timeout_s,
+                                    env={"PATH": "/usr/bin:/bin", "no_proxy": "*", "http_proxy": "http://0.0.0.0:9"})
+        except subprocess.TimeoutExpired:
+            return False
+    return result.returncode == 0
+
+
+GRADERS: dict[str, Grader] = {
+    "math": math_grader,
+    "multiple_choice": multiple_choice_grader,
+    "exact": exact_grader,
+    "normalized": normalized_grader,
+    "code": code_grader,
+}
+
+
+def get_grader(name: str) -> Grader:
+    if name not in GRADERS:
+        raise TaskError(f"unknown grader {name!r}; choose one of {', '.join(GRADERS)}")
+    return GRADERS[name]
