@@ -104,22 +104,37 @@ def normalized_grader(reply: str, reference: str, record: dict) -> bool:
         return got == want
 
 
+# Prepended to graded code: sockets refuse to connect or resolve. A guard against tests that
+# reach out by accident, not a security sandbox (run untrusted code in a container for that).
+_NO_NETWORK = """import socket as _socket
+
+
+def _no_network(*args, **kwargs):
+    raise OSError("network access is disabled while grading")
+
+
+_socket.socket.connect = _socket.socket.connect_ex = _no_network
+_socket.create_connection = _socket.getaddrinfo = _no_network
+del _socket, _no_network
+
+"""
+
 _CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
 
 
 def code_grader(reply: str, reference: str, record: dict, timeout_s: float = 10.0) -> bool:
-    """Runs the reply's last ```python block followed by the record's `tests` (asserts) in a fresh
-    interpreter: no network access is needed, and a loop or crash fails instead of hanging."""
+    """Runs the reply's last ```python block followed by the record's `tests` (asserts) in a fresh,
+    isolated interpreter with sockets disabled; a loop, crash or timeout fails instead of hanging."""
     blocks = _CODE_BLOCK.findall(reply)
     code = blocks[-1] if blocks else reply
     tests = record.get("tests") or reference
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/candidate.py"
         with open(path, "w") as f:
-            f.write(code + "\n\n" + tests + "\n")
+            f.write(_NO_NETWORK + code + "\n\n" + tests + "\n")
         try:
             result = subprocess.run([sys.executable, "-I", path], cwd=tmp, capture_output=True, timeout=timeout_s,
-                                    env={"PATH": "/usr/bin:/bin", "no_proxy": "*", "http_proxy": "http://0.0.0.0:9"})
+                                    env={"PATH": "/usr/bin:/bin"})
         except subprocess.TimeoutExpired:
             return False
     return result.returncode == 0

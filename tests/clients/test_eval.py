@@ -47,6 +47,27 @@ def test_code_that_loops_forever_fails_after_the_timeout():
     assert code_grader("```python\nwhile True:\n    pass\n```", "assert True", {}, timeout_s=1) is False
 
 
+def test_graded_code_has_no_network():
+    from clients.eval.graders import code_grader
+
+    reply = "```python\nimport urllib.request\nurllib.request.urlopen('http://example.com', timeout=2)\n```"
+    assert code_grader(reply, "assert True", {}) is False
+    reply = "```python\nimport socket\ntry:\n    socket.create_connection(('127.0.0.1', 9))\n    ok = False\n" \
+            "except OSError as e:\n    ok = 'disabled' in str(e)\n```"
+    assert code_grader(reply, "assert ok", {}) is True
+
+
+@pytest.mark.parametrize("kind", ["parquet", "save_to_disk"])
+def test_tasks_load_from_parquet_and_save_to_disk(tmp_path, kind):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list([{"question": "1+1?", "answer": "2", "id": "q0"},
+                                     {"question": "2+2?", "answer": "4", "id": "q1"}])
+    path = tmp_path / ("task.parquet" if kind == "parquet" else "task")
+    ds.to_parquet(str(path)) if kind == "parquet" else ds.save_to_disk(str(path))
+    questions = load_task(str(path), grader="math")
+    assert [(q.id, q.answer, q.grader) for q in questions] == [("q0", "2", "math"), ("q1", "4", "math")]
+
+
 def run(budget, think, correct, lo=None):
     return {"method": "budget_forcing", "budget": budget, "think_tokens": think, "correct": correct,
             "min_think": lo, "max_think": budget, "num_waits": 0}
