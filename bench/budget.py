@@ -16,14 +16,10 @@ the same tokens computed, in ABBA order, fastest of each. Prints a table, writes
 """
 
 import argparse
-import json
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
+from results_io import save
 from server.cli import resolve_model_dir
 from server.engine import LLM, SamplingParams, ThinkBudget
 
@@ -145,8 +141,6 @@ def main() -> None:
         "targets": {"a_vs_b_no_prefix_cache": ">= 1.5", "budget_overhead": "<= 0.05"},
     }
     result = {
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "model": model_dir,
         "args": vars(args),
         "runs": runs,
@@ -161,12 +155,7 @@ def main() -> None:
         print(f"{name:28s} {run['seconds']:8.1f} {run['output_tokens']:7d}")
     print(f"(a) is {summary['a_vs_b_no_prefix_cache']:.2f}x faster than (b) without prefix caching "
           f"({summary['a_vs_b_prefix_cache']:.2f}x with); budget overhead {100 * summary['budget_overhead']:+.1f}%")
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    name = Path(model_dir).name.lower()
-    (out_dir / f"budget-{stamp}-cpu-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-
+    save("budget", result, args.out_dir, f"cpu-{Path(model_dir).name.lower()}")
 
 if __name__ == "__main__":
     main()

@@ -10,15 +10,13 @@ design, since it skips the gather). Ratios are kernel speed-ups over each baseli
 """
 
 import argparse
-import json
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from results_io import save
 from server.models.paged_attention import paged_attention_decode, paged_attention_decode_reference
 
 
@@ -76,8 +74,6 @@ def main() -> None:
     }
     kv_bytes = 2 * int(context_lens.sum()) * args.kv_heads * args.head_dim * 4
     result = {
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "shape": vars(args) | {"total_context_tokens": int(context_lens.sum())},
         "median_seconds": timings,
         "kernel_gb_per_s": kv_bytes / timings["csrc_kernel"] / 1e9,
@@ -89,11 +85,7 @@ def main() -> None:
     print(f"kernel reads K/V at {result['kernel_gb_per_s']:.2f} GB/s")
     print(f"kernel speed-up: {result['speedup_vs_reference']:.2f}x vs reference, "
           f"{result['speedup_vs_sdpa_pregathered']:.2f}x vs SDPA on pre-gathered K/V")
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    (out_dir / f"kernels-{stamp}-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
-
+    save("kernels", result, args.out_dir)
 
 if __name__ == "__main__":
     main()

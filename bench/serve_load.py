@@ -11,17 +11,13 @@ inter-token latency percentiles, and the serving overhead (offline tokens/s over
 
 import argparse
 import asyncio
-import json
-import platform
 import random
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from clients import AsyncS1Client
+from results_io import save
 from server.api.serve import BackgroundServer
 from server.cli import resolve_model_dir
 from server.engine import LLM, SamplingParams
@@ -103,16 +99,10 @@ def main() -> None:
           f"p99 {served['ttft_p99_s'] * 1e3:.0f} ms; ITL p50 {served['itl_p50_s'] * 1e3:.0f} ms, "
           f"p99 {served['itl_p99_s'] * 1e3:.0f} ms; serving overhead {overhead:.2f}x")
     result = {
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "model": model_dir, "args": vars(args), "served": served, "offline": offline,
         "serving_overhead_ratio": overhead,
     }
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    (out_dir / f"serve_load-{stamp}-cpu-{Path(model_dir).name.lower()}.json").write_text(json.dumps(result, indent=2) + "\n")
-
+    save("serve_load", result, args.out_dir, f"cpu-{Path(model_dir).name.lower()}")
 
 if __name__ == "__main__":
     main()

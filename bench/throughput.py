@@ -13,15 +13,13 @@ Prints a table, writes raw JSON to bench/results/.
 """
 
 import argparse
-import json
-import platform
 import random
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from results_io import RESULTS_DIR, result_path, write
 from server.cli import resolve_model_dir
 from server.engine import LLM, SamplingParams
 
@@ -88,9 +86,10 @@ def run_hf_continuous(model, requests, timeout_s: float) -> dict | None:
         start = time.perf_counter()
         for i, (prompt, n) in enumerate(requests):
             manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=n, eos_token_id=-1)
-        produced, done = 0, 0
+        produced, done, timed_out = 0, 0, False
         while done < len(requests):
             if time.perf_counter() - start > timeout_s:
+                timed_out = True  # stopping must not wait for its batch: that took > 5 min once
                 elapsed = time.perf_counter() - start
                 return {"seconds": elapsed, "output_tokens": sum(n for _, n in requests), "timed_out": True,
                         "finished_requests": done, "finished_tokens": produced}
@@ -104,7 +103,7 @@ def run_hf_continuous(model, requests, timeout_s: float) -> dict | None:
                 produced += len(result.generated_tokens)
         elapsed = time.perf_counter() - start
     finally:
-        manager.stop(block=True)
+        manager.stop(block=not timed_out)
     return {"seconds": elapsed, "output_tokens": produced}
 
 
@@ -119,7 +118,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64, help="s1serve's running-sequence limit")
     parser.add_argument("--skip", action="append", default=[], choices=["static", "continuous"])
     parser.add_argument("--hf-continuous-timeout", type=float, default=900.0, help="seconds before (c) is stopped")
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
 
     model_dir = resolve_model_dir(args.model)
@@ -128,12 +127,19 @@ def main() -> None:
     vocab = ModelConfig.from_model_dir(model_dir).vocab_size
     requests = make_workload(args.num_requests, args.min_len, args.max_len, vocab, args.seed)
     results = {}
+    path = result_path("throughput", args.out, f"cpu-{Path(model_dir).name.lower()}")
 
     def record(name: str, result: dict | None) -> None:
         if result is not None:
             result["tokens_per_s"] = result["output_tokens"] / result["seconds"]
             results[name] = result
             print(f"{name}: {result}", flush=True)
+            ours = results["s1serve"]["tokens_per_s"]
+            write(path, {
+                "benchmark": "throughput", "model": model_dir, "workload": vars(args) | {"model": model_dir},
+                "results": results,
+                "ratios": {f"s1serve/{k}": ours / r["tokens_per_s"] for k, r in results.items() if k != "s1serve"},
+            })
 
     record("s1serve", run_s1serve(model_dir, requests, {"max_num_seqs": args.max_num_seqs}))
     hf = load_hf(model_dir)
@@ -148,19 +154,6 @@ def main() -> None:
         bound = ">=" if r.get("timed_out") else ""  # a stopped baseline: its true ratio is at least this
         print(f"{name:<16}{r['output_tokens']:>12}{r['seconds']:>10.1f}{r['tokens_per_s']:>10.1f}{bound + format(ours / r['tokens_per_s'], '.2f'):>15}")
 
-    report = {
-        "benchmark": "throughput",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": model_dir,
-        "workload": vars(args) | {"model": model_dir},
-        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
-        "results": results,
-        "ratios": {f"s1serve/{k}": ours / r["tokens_per_s"] for k, r in results.items() if k != "s1serve"},
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"throughput-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=2))
     print(f"raw results: {path}")
 
 
