@@ -14,28 +14,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from server.api.v1 import generation_pb2 as pb
+from server.api.usage import Usage
 from server.api.v1 import generation_pb2_grpc
 
 _PHASES = {pb.PHASE_THINK: "think", pb.PHASE_ANSWER: "answer", pb.PHASE_UNSPECIFIED: "answer"}
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    think_tokens: int = 0
-    answer_tokens: int = 0
-    completion_tokens: int = 0
-    num_waits: int = 0
-    think_end_forced: bool = False
-    finish_reason: str = ""
-    time_to_first_token_s: float = 0.0
-    time_to_first_answer_token_s: float = 0.0
-    total_time_s: float = 0.0
-
-    @classmethod
-    def from_pb(cls, u: pb.Usage) -> "Usage":
-        return cls(**{name: getattr(u, name) for name in cls.__dataclass_fields__})
 
 
 @dataclass

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ..engine import AsyncLLM, SamplingParams, StepOutput, ThinkBudget
 from ..errors import InvalidRequestError, OverloadedError, RequestNotFoundError
 from .metrics import Metrics, think_bucket
+from .usage import Usage
 
 logger = logging.getLogger("s1serve.requests")
 
@@ -27,20 +28,9 @@ class ParsedRequest:
 
 
 @dataclass
-class Usage:
-    """Accumulated over a stream; what both fronts report at the end."""
+class StreamUsage(Usage):
+    """Usage plus the generated token ids, accumulated while a request streams."""
 
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    think_tokens: int = 0
-    answer_tokens: int = 0
-    completion_tokens: int = 0
-    num_waits: int = 0
-    think_end_forced: bool = False
-    finish_reason: str | None = None
-    time_to_first_token_s: float = 0.0
-    time_to_first_answer_token_s: float = 0.0
-    total_time_s: float = 0.0
     token_ids: list[int] = field(default_factory=list)
 
 
@@ -134,7 +124,7 @@ class Frontend:
             self.metrics.rejected.labels(self.model_name, "overloaded").inc()
             raise OverloadedError(waiting, self.max_waiting)
 
-    async def stream(self, req: ParsedRequest, usage: Usage) -> AsyncIterator[StepOutput]:
+    async def stream(self, req: ParsedRequest, usage: StreamUsage) -> AsyncIterator[StepOutput]:
         """The request's deltas; fills `usage` as it goes and records metrics when it ends.
         Validation errors raise here, before the first delta (and before the engine sees it)."""
         self.admit()
@@ -159,7 +149,7 @@ class Frontend:
                 usage.think_tokens, usage.answer_tokens = delta.think_tokens, delta.answer_tokens
                 usage.num_waits, usage.think_end_forced = delta.num_waits, delta.think_end_forced
                 usage.completion_tokens = len(usage.token_ids)
-                usage.finish_reason = delta.finish_reason
+                usage.finish_reason = delta.finish_reason or ""
                 yield delta
         except InvalidRequestError as exc:
             rejected = True  # make_sequence refused it: the engine never saw it
@@ -171,7 +161,7 @@ class Frontend:
                 usage.finish_reason = usage.finish_reason or "abort"  # the client left early
                 self._record(req, usage)
 
-    def _record(self, req: ParsedRequest, usage: Usage) -> None:
+    def _record(self, req: ParsedRequest, usage: StreamUsage) -> None:
         m, model = self.metrics, self.model_name
         m.requests.labels(model, usage.finish_reason, str(req.budget is not None).lower()).inc()
         m.prompt_tokens.labels(model).inc(usage.prompt_tokens)

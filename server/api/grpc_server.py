@@ -6,7 +6,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..errors import InvalidRequestError, OverloadedError, RequestNotFoundError, S1ServeError
-from .frontend import Frontend, Usage
+from .frontend import Frontend, StreamUsage
+from .usage import Usage
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc
 
@@ -67,12 +68,7 @@ def _parse(frontend: Frontend, request: pb.GenerateRequest):
 
 
 def _usage(u: Usage) -> pb.Usage:
-    return pb.Usage(
-        prompt_tokens=u.prompt_tokens, cached_prompt_tokens=u.cached_prompt_tokens, think_tokens=u.think_tokens,
-        answer_tokens=u.answer_tokens, completion_tokens=u.completion_tokens, num_waits=u.num_waits,
-        think_end_forced=u.think_end_forced, finish_reason=u.finish_reason or "", total_time_s=u.total_time_s,
-        time_to_first_token_s=u.time_to_first_token_s, time_to_first_answer_token_s=u.time_to_first_answer_token_s,
-    )
+    return pb.Usage(**u.fields())
 
 
 async def _abort_with(context, exc: Exception):
@@ -91,7 +87,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.frontend = frontend
 
     async def Generate(self, request, context):
-        usage = Usage()
+        usage = StreamUsage()
         parts = {"text": [], "think": [], "answer": []}
         try:
             req = _parse(self.frontend, request)
@@ -107,7 +103,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         )
 
     async def GenerateStream(self, request, context):
-        usage = Usage()
+        usage = StreamUsage()
         try:
             req = _parse(self.frontend, request)
             async for delta in self.frontend.stream(req, usage):

@@ -15,7 +15,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import InvalidRequestError, OverloadedError, RequestNotFoundError, S1ServeError
-from .frontend import Frontend, Usage
+from .frontend import Frontend, StreamUsage
+from .usage import Usage
 
 BUDGET_FIELDS = ("min_think", "max_think", "max_waits", "wait_string")
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop")
@@ -127,7 +128,7 @@ class HttpFront:
         chat = obj == "chat.completion"
         req = self._parse(body, "chat" if chat else "text", "chatcmpl" if chat else "cmpl")
         budgeted = req.budget is not None
-        usage = Usage()
+        usage = StreamUsage()
         created = int(time.time())
         model = self.frontend.model_name
         stream = self.frontend.stream(req, usage)
