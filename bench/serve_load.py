@@ -12,23 +12,17 @@ inter-token latency percentiles, and the serving overhead (offline tokens/s over
 import argparse
 import asyncio
 import random
-import statistics
 import time
 from pathlib import Path
 
 from clients import AsyncS1Client
+from clients.eval.metrics import percentile
 from results_io import save
 from server.api.serve import BackgroundServer
 from server.cli import resolve_model_dir
 from server.engine import LLM, SamplingParams
 
 WORDS = "the of and to in is that for it as with was on be by at this are from or an which one".split()
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
 def workload(n: int, seed: int) -> list[str]:

@@ -33,13 +33,8 @@ S1_INLINE vec8 load8(const float* p) {
   std::memcpy(&r, p, sizeof(r));
   return r;
 }
-S1_INLINE vec8 load8(const double* p) {
-  vec8 r;
-  for (int i = 0; i < 8; ++i) r[i] = static_cast<float>(p[i]);
-  return r;
-}
-template <typename reduced_t>  // bf16 / fp16: widen to fp32, accumulate in fp32
-S1_INLINE vec8 load8(const reduced_t* p) {
+template <typename other_t>  // fp64 / bf16 / fp16: convert to fp32, accumulate in fp32
+S1_INLINE vec8 load8(const other_t* p) {
   vec8 r;
   for (int i = 0; i < 8; ++i) r[i] = static_cast<float>(p[i]);
   return r;

@@ -22,26 +22,23 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, api_key: str):
         self.expected = f"Bearer {api_key}"
 
-        async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (authorization: Bearer ...)")
+    @staticmethod
+    async def _deny(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (authorization: Bearer ...)")
 
-        self._deny = deny
+    @classmethod
+    async def _deny_stream(cls, request, context):
+        await cls._deny(request, context)
+        yield  # pragma: no cover  (abort raises)
 
     async def intercept_service(self, continuation, details):
-        if details.method.startswith(OPEN_METHODS):
-            return await continuation(details)
-        metadata = dict(details.invocation_metadata or ())
-        if metadata.get("authorization") == self.expected:
-            return await continuation(details)
         handler = await continuation(details)
-        if handler is None:
-            return None
-        if handler.unary_stream:
-            async def deny_stream(request, context):
-                await self._deny(request, context)
-                yield  # pragma: no cover  (abort raises)
-            return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer, handler.response_serializer)
-        return grpc.unary_unary_rpc_method_handler(self._deny, handler.request_deserializer, handler.response_serializer)
+        metadata = dict(details.invocation_metadata or ())
+        if handler is None or details.method.startswith(OPEN_METHODS) or metadata.get("authorization") == self.expected:
+            return handler
+        deny = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.unary_unary_rpc_method_handler
+        return deny(self._deny_stream if handler.unary_stream else self._deny,
+                    handler.request_deserializer, handler.response_serializer)
 
 
 def _parse(frontend: Frontend, request: pb.GenerateRequest):

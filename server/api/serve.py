@@ -53,7 +53,7 @@ class S1Server:
             ssl_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
         site = web.TCPSite(self.runner, cfg.host, cfg.http_port, ssl_context=ssl_context)
         await site.start()
-        self.http_port = site._server.sockets[0].getsockname()[1]
+        self.http_port = self.runner.addresses[0][1]
         async for _ in self.llm.generate("warm-up", SamplingParams(temperature=0, max_tokens=2)):
             pass
         await set_serving(self.health, True)
