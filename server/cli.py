@@ -28,6 +28,14 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
             group.add_argument(flag, type=kind, default=field.default, metavar=kind.__name__.upper())
 
 
+def add_budget_flags(parser: argparse.ArgumentParser, title: str) -> None:
+    budget = parser.add_argument_group(title)
+    budget.add_argument("--min-think", type=int, help="append Wait instead of ending thinking before this many tokens")
+    budget.add_argument("--max-think", type=int, help="force the end of thinking at this many tokens")
+    budget.add_argument("--max-waits", type=int, help="at most this many Waits")
+    budget.add_argument("--wait", help='the string appended instead of a premature end (default "Wait")')
+
+
 def config_from_args(args: argparse.Namespace, config_cls):
     return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
 
@@ -192,11 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    budget = gen.add_argument_group("think budget (s1 budget forcing; any of these turns it on)")
-    budget.add_argument("--min-think", type=int, help="append Wait instead of ending thinking before this many tokens")
-    budget.add_argument("--max-think", type=int, help="force the end of thinking at this many tokens")
-    budget.add_argument("--max-waits", type=int, help="at most this many Waits")
-    budget.add_argument("--wait", help='the string appended instead of a premature end (default "Wait")')
+    add_budget_flags(gen, "think budget (s1 budget forcing; any of these turns it on)")
     add_config_flags(gen, EngineConfig)
     gen.set_defaults(func=cmd_generate)
 
@@ -214,11 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--sampling-seed", type=int, default=None)
     ask.add_argument("--no-think", action="store_true", help="no think phase (the model answers directly)")
-    ask_budget = ask.add_argument_group("think budget")
-    ask_budget.add_argument("--min-think", type=int)
-    ask_budget.add_argument("--max-think", type=int)
-    ask_budget.add_argument("--max-waits", type=int)
-    ask_budget.add_argument("--wait")
+    add_budget_flags(ask, "think budget")
     ask.set_defaults(func=cmd_ask)
 
     ev = sub.add_parser("eval", help="budget sweep: accuracy against thinking tokens, the s1 scores, plots")
