@@ -13,19 +13,21 @@ from .engine.config import EngineConfig
 from .errors import InvalidConfigError
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
-    """One `--field-name` flag per dataclass field, typed and defaulted from the dataclass."""
+def add_config_flags(parser: argparse.ArgumentParser, config_cls, overrides_only: bool = False) -> None:
+    """One `--field-name` flag per dataclass field, typed and defaulted from the dataclass. With
+    `overrides_only`, a flag not given leaves no attribute, so it overrides a config file only when set."""
     hints = typing.get_type_hints(config_cls)
     group = parser.add_argument_group(f"{config_cls.__name__} flags")
     for field in dataclasses.fields(config_cls):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
+        default = argparse.SUPPRESS if overrides_only else field.default
         if isinstance(kind, types.UnionType):  # `int | None` -> int
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
-            group.add_argument(flag, type=kind, default=field.default, metavar=kind.__name__.upper())
+            group.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper())
 
 
 def add_budget_flags(parser: argparse.ArgumentParser, title: str) -> None:
@@ -243,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.jsonl")
     add_config_flags(ev, EngineConfig)
     ev.set_defaults(func=cmd_eval)
+    train = sub.add_parser("train", help="s1 SFT on trl: an s1K-schema dataset -> a model directory to serve")
+    from trainer.cli import add_train_arguments
+
+    add_train_arguments(train)
     return parser
 
 

@@ -57,3 +57,8 @@ class OverloadedError(S1ServeError):
     def __init__(self, waiting: int, limit: int, retry_after_s: float = 1.0):
         super().__init__(f"server overloaded: {waiting} requests waiting (limit {limit}); retry in {retry_after_s:g} s")
         self.retry_after_s = retry_after_s
+
+
+class DataError(InvalidConfigError):
+    """A data file (a dataset source, a training set) is missing, unreadable or malformed; the
+    message names the file, and the line where there is one."""

@@ -29,7 +29,7 @@ from .outputs import StepOutput
 from .params import SamplingParams, ThinkBudget
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import FinishReason, Sequence
-from .think import Phase, ThinkState, ThinkTokens, resolve_think_template
+from .think import Phase, ThinkState, ThinkTokens, chat_prompt, resolve_think_template
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +68,7 @@ class LLMEngine:
     def render_chat(self, messages: list[dict]) -> str:
         """A chat request as prompt text: the model's chat template, opened for the assistant, plus
         the think opener when the model has a think template."""
-        if not self.tokenizer.chat_template:
-            raise InvalidRequestError("messages", "this model has no chat template; send a prompt instead")
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # jinja raises on malformed messages
-            raise InvalidRequestError("messages", f"cannot be rendered with the chat template: {exc}") from exc
-        return text + (self.think_template.think_start if self.think_template else "")
+        return chat_prompt(self.tokenizer, messages) + (self.think_template.think_start if self.think_template else "")
 
     def make_sequence(
         self, request_id: str, prompt: Prompt, sampling: SamplingParams, budget: ThinkBudget | None = None

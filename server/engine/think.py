@@ -32,6 +32,11 @@ class ThinkTemplate:
     answer_prefix: str  # forced after a forced think_end, so the model answers instead of musing
     wait: str = "Wait"  # appended instead of a premature think_end
 
+    def reply(self, thinking: str, attempt: str) -> str:
+        """The assistant turn a trained model writes, in the form budget forcing expects. For s1:
+        `<|im_start|>think\n{thinking}\n<|im_start|>answer\nAnswer: {attempt}`."""
+        return f"{self.think_start}{thinking}\n{self.think_end}{self.answer_prefix} {attempt}"
+
 
 THINK_TEMPLATES = {
     # s1 models (Qwen2.5 ChatML): the assistant turn is `<|im_start|>think\n...<|im_start|>answer\nAnswer: ...`
@@ -56,6 +61,42 @@ def resolve_think_template(spec: "str | ThinkTemplate | None", tokenizer) -> Thi
         if marker in vocab:
             return THINK_TEMPLATES[name]
     return None
+
+
+def require_representable(template: ThinkTemplate, tokenizer) -> None:
+    """Refuse a template whose delimiter the tokenizer cannot write as a token of its own: the
+    engine catches the end of thinking by the first token of `think_end`, so that token must be
+    an added (special) token, not a piece of ordinary text."""
+    ids = tokenizer.encode(template.think_end, add_special_tokens=False)
+    marker = tokenizer.convert_ids_to_tokens(ids[0]) if ids else None
+    if marker not in tokenizer.get_added_vocab():
+        raise InvalidRequestError(
+            "think_template",
+            f"the tokenizer has no token of its own for the start of {template.name!r}'s delimiter {template.think_end!r}"
+            f" (it becomes {tokenizer.convert_ids_to_tokens(ids)}); pick the other template or add the token",
+        )
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """Messages rendered with the model's chat template and opened for the assistant's reply:
+    what the server answers and what the trainer computes no loss on."""
+    if not tokenizer.chat_template:
+        raise InvalidRequestError("messages", "this model has no chat template; send a prompt instead")
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # jinja raises on malformed messages
+        raise InvalidRequestError("messages", f"cannot be rendered with the chat template: {exc}") from exc
+
+
+def assistant_turn_end(tokenizer) -> str:
+    """What the chat template writes after an assistant message (`<|im_end|>` for ChatML), without
+    trailing whitespace; the tokenizer's EOS when the template writes nothing there."""
+    sentinel = "\x00s1serve-reply\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": sentinel}], tokenize=False
+    )
+    end = text.split(sentinel, 1)[1].rstrip() if sentinel in text else ""
+    return end or tokenizer.eos_token
 
 
 @dataclass(frozen=True)
