@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 import types
@@ -109,6 +110,20 @@ class PhasePrinter:
         self.out.write(delta.answer_text)
 
 
+API_KEY_ENV = "S1SERVE_API_KEY"
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """Flags, with the API key from $S1SERVE_API_KEY when --api-key is not given (so a Kubernetes
+    Secret reaches the server without appearing on its command line)."""
+    config = config_from_args(args, ServerConfig)
+    if config.api_key is None:
+        config.api_key = os.environ.get(API_KEY_ENV) or None
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise InvalidConfigError("--tls-cert and --tls-key go together")
+    return config
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -116,9 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .api.serve import S1Server
 
-    config = config_from_args(args, ServerConfig)
-    if bool(config.tls_cert) != bool(config.tls_key):
-        raise InvalidConfigError("--tls-cert and --tls-key go together")
+    config = server_config(args)
     engine_config = dataclasses.asdict(config_from_args(args, EngineConfig))
     server = S1Server(resolve_model_dir(args.model), config, engine_config)
     uvloop.run(server.serve_forever())
@@ -187,6 +200,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_dataset(args: argparse.Namespace) -> int:
+    from dataset_builder.pipeline import build, load_pipeline_config
+
+    result = build(load_pipeline_config(args.config, num_proc=args.num_proc, out=args.out))
+    print(" -> ".join(f"{stage}: {count:,}" for stage, count in result["funnel"].to_json()["funnel"]))
+    print(f"wrote {', '.join(str(p) for p in result['paths'].values())}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s1serve", description="Serve reasoning models with s1 budget forcing.")
     parser.add_argument("--log-level", default="WARNING")
@@ -245,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.jsonl")
     add_config_flags(ev, EngineConfig)
     ev.set_defaults(func=cmd_eval)
+    build = sub.add_parser("build-dataset", help="the s1K curation pipeline: sources -> filters -> traces -> s1K files")
+    build.add_argument("config", help="pipeline config (YAML or TOML)")
+    build.add_argument("--num-proc", type=int, help="worker processes for the CPU stages")
+    build.add_argument("--out", help="output directory (overrides the config's `out`)")
+    build.set_defaults(func=cmd_build_dataset)
+
     train = sub.add_parser("train", help="s1 SFT on trl: an s1K-schema dataset -> a model directory to serve")
     from trainer.cli import add_train_arguments
 

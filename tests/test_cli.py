@@ -49,3 +49,13 @@ def test_phase_printer_marks_inserted_waits(llama_dir):
         for delta in engine.step():
             printer(delta)
     assert buffer.getvalue().startswith("── thinking ──\n[Wait][Wait]\n── answer ──\n")
+
+
+def test_serve_takes_the_api_key_from_the_environment_unless_a_flag_gives_one(monkeypatch):
+    from server.cli import build_parser, server_config
+
+    monkeypatch.setenv("S1SERVE_API_KEY", "from-env")
+    assert server_config(build_parser().parse_args(["serve"])).api_key == "from-env"
+    assert server_config(build_parser().parse_args(["serve", "--api-key", "flag"])).api_key == "flag"
+    monkeypatch.delenv("S1SERVE_API_KEY")
+    assert server_config(build_parser().parse_args(["serve"])).api_key is None

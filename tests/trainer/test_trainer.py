@@ -192,3 +192,18 @@ def test_cli_reads_the_config_file_and_flags_override_it(base_model, s1k_dir, tm
     cfg_file.write_text(f"model: {base_model}\ndataset: {s1k_dir}\noutput_dir: {out}\nepochs: 3\n")
     assert main(["train", str(cfg_file)]) == 2
     assert "unknown fields ['epochs']" in capsys.readouterr().err
+
+
+def test_s1k_1_1_schema_trains_on_the_deepseek_traces(base_model, tmp_path):
+    import datasets
+
+    rows = [{"question": r["question"], "solution": r["solution"], "gemini_thinking_trajectory": "gemini thinks",
+             "gemini_attempt": "gemini", "deepseek_thinking_trajectory": r["thinking_trajectories"][0],
+             "deepseek_attempt": r["attempt"]} for r in s1k_rows(4)]
+    path = tmp_path / "s1K-1.1.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    trainer, _ = build_trainer(config(base_model, path, tmp_path / "out"))
+    row = trainer.train_dataset[0]
+    completion = trainer.processing_class.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    assert completion.startswith(f"<|im_start|>think\n{rows[0]['deepseek_thinking_trajectory']}\n<|im_start|>answer")
+    assert "gemini" not in completion

@@ -1,0 +1,107 @@
+"""Mathematics Subject Classification 2020: the 63 top-level areas (two-digit codes) that the
+diversity stage samples over, and the keywords of the offline classifier."""
+
+MSC2020 = {
+    "00": "General and overarching topics; collections",
+    "01": "History and biography",
+    "03": "Mathematical logic and foundations",
+    "05": "Combinatorics",
+    "06": "Order, lattices, ordered algebraic structures",
+    "08": "General algebraic systems",
+    "11": "Number theory",
+    "12": "Field theory and polynomials",
+    "13": "Commutative algebra",
+    "14": "Algebraic geometry",
+    "15": "Linear and multilinear algebra; matrix theory",
+    "16": "Associative rings and algebras",
+    "17": "Nonassociative rings and algebras",
+    "18": "Category theory; homological algebra",
+    "19": "K-theory",
+    "20": "Group theory and generalizations",
+    "22": "Topological groups, Lie groups",
+    "26": "Real functions",
+    "28": "Measure and integration",
+    "30": "Functions of a complex variable",
+    "31": "Potential theory",
+    "32": "Several complex variables and analytic spaces",
+    "33": "Special functions",
+    "34": "Ordinary differential equations",
+    "35": "Partial differential equations",
+    "37": "Dynamical systems and ergodic theory",
+    "39": "Difference and functional equations",
+    "40": "Sequences, series, summability",
+    "41": "Approximations and expansions",
+    "42": "Harmonic analysis on Euclidean spaces",
+    "43": "Abstract harmonic analysis",
+    "44": "Integral transforms, operational calculus",
+    "45": "Integral equations",
+    "46": "Functional analysis",
+    "47": "Operator theory",
+    "49": "Calculus of variations and optimal control; optimization",
+    "51": "Geometry",
+    "52": "Convex and discrete geometry",
+    "53": "Differential geometry",
+    "54": "General topology",
+    "55": "Algebraic topology",
+    "57": "Manifolds and cell complexes",
+    "58": "Global analysis, analysis on manifolds",
+    "60": "Probability theory and stochastic processes",
+    "62": "Statistics",
+    "65": "Numerical analysis",
+    "68": "Computer science",
+    "70": "Mechanics of particles and systems",
+    "74": "Mechanics of deformable solids",
+    "76": "Fluid mechanics",
+    "78": "Optics, electromagnetic theory",
+    "80": "Classical thermodynamics, heat transfer",
+    "81": "Quantum theory",
+    "82": "Statistical mechanics, structure of matter",
+    "83": "Relativity and gravitational theory",
+    "85": "Astronomy and astrophysics",
+    "86": "Geophysics",
+    "90": "Operations research, mathematical programming",
+    "91": "Game theory, economics, finance, and other social and behavioral sciences",
+    "92": "Biology and other natural sciences",
+    "93": "Systems theory; control",
+    "94": "Information and communication theory, circuits",
+    "97": "Mathematics education",
+}
+
+# Lower-case keywords per code for the deterministic fallback classifier; the first area with the
+# most keyword hits wins, "00" when nothing matches.
+KEYWORDS = {
+    "03": ["logic", "proposition", "axiom", "provable", "truth table"],
+    "05": ["how many ways", "arrangements", "choose", "permutation", "combination", "graph", "binomial coefficient", "subsets"],
+    "11": ["prime", "divisible", "remainder", "modulo", "gcd", "lcm", "integer solutions", "digits", "divisor"],
+    "12": ["polynomial", "roots of", "coefficients"],
+    "15": ["matrix", "determinant", "eigenvalue", "vector space", "linear map", "trace of"],
+    "20": ["group", "subgroup", "isomorphic", "order of the element"],
+    "26": ["derivative", "function f", "increasing", "maximum value", "minimum value", "inequality"],
+    "28": ["integral", "integrate", "measure"],
+    "30": ["complex number", "imaginary", "modulus", "argument of"],
+    "34": ["differential equation", "dy/dx", "y'"],
+    "40": ["sequence", "series", "sum of the first", "converge", "arithmetic progression", "geometric progression"],
+    "51": ["triangle", "circle", "angle", "polygon", "perimeter", "area of", "radius", "square", "rectangle"],
+    "60": ["probability", "random", "dice", "coin", "expected value", "expectation"],
+    "62": ["mean", "median", "variance", "standard deviation", "sample"],
+    "65": ["approximate", "numerically", "iteration", "newton's method"],
+    "68": ["algorithm", "program", "complexity", "binary string", "bits"],
+    "70": ["velocity", "acceleration", "force", "mass", "momentum", "particle"],
+    "78": ["light", "lens", "refraction", "electric field", "magnetic"],
+    "80": ["temperature", "heat", "thermodynamic", "entropy"],
+    "81": ["quantum", "electron", "photon", "spin", "hamiltonian"],
+    "90": ["optimize", "linear program", "minimize the cost", "schedule"],
+    "91": ["game", "player", "payoff", "price", "interest", "profit"],
+    "92": ["population", "cells", "species", "enzyme", "dna"],
+    "94": ["code", "bits", "channel", "circuit", "signal"],
+}
+
+
+def keyword_domain(question: str) -> str:
+    text = question.lower()
+    best, hits = "00", 0
+    for code, words in KEYWORDS.items():
+        n = sum(text.count(w) for w in words)
+        if n > hits:
+            best, hits = code, n
+    return best
