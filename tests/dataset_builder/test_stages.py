@@ -143,3 +143,33 @@ def test_endpoint_backend_reads_reasoning_from_a_running_s1serve(server):
     bad = EndpointBackend("http://127.0.0.1:9/v1", model="x", retries=1, timeout_s=2)
     [failed] = bad.chat([[{"role": "user", "content": "hi"}]])
     assert failed.error and not failed.content
+
+
+class ScriptedChat:
+    """An external model with one fixed reply (stands in for an endpoint)."""
+
+    def __init__(self, reply: str):
+        self.name, self.reply, self.prompts = "scripted", reply, []
+
+    def chat(self, conversations):
+        self.prompts += [messages[-1]["content"] for messages in conversations]
+        return [Reply(content=self.reply) for _ in conversations]
+
+
+def test_llm_judge_grades_with_the_reference_in_its_prompt():
+    from dataset_builder.difficulty import LLMJudge
+
+    yes, no = ScriptedChat("YES, same answer."), ScriptedChat("NO")
+    assert LLMJudge(yes)("What is 6 times 7?", "so \\boxed{42}", "42")
+    assert not LLMJudge(no)("What is 6 times 7?", "so \\boxed{41}", "42")
+    assert "Reference answer:\n42" in yes.prompts[0] and "Attempt:\n42" in yes.prompts[0]
+
+
+def test_llm_domain_classifier_takes_valid_codes_and_falls_back_to_keywords():
+    from dataset_builder.domains import DomainClassifier
+
+    data = table(["How many ways can 5 books be arranged?", "Find the remainder of 2^10 modulo 7."])
+    assert DomainClassifier(ScriptedChat("05"))(data)["domain"] == ["05", "05"]
+    confused = DomainClassifier(ScriptedChat("I think it is area 99."))
+    assert confused(data)["domain"] == ["05", "11"] and confused.fallbacks == 2  # 99 is no MSC code
+    assert DomainClassifier(None)(data)["domain"] == ["05", "11"]
