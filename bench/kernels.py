@@ -1,9 +1,15 @@
-"""Decode attention on the CPU: our csrc kernel vs the pure-torch reference vs SDPA on gathered K/V.
+"""CPU attention kernels against their baselines, one invocation, ratios in one JSON.
 
-All three read the same paged cache. The reference gathers each sequence's blocks into a padded
-copy and runs masked SDPA (what the engine would do without csrc); "SDPA, pre-gathered" times
-only SDPA on K/V already laid out contiguously per sequence (a lower bound for any gather-based
-design, since it skips the gather). Ratios are kernel speed-ups over each baseline.
+Decode: our csrc kernel vs the pure-torch reference vs SDPA on gathered K/V. All three read the
+same paged cache. The reference gathers each sequence's blocks into a padded copy and runs masked
+SDPA (what the engine would do without csrc); "SDPA, pre-gathered" times only SDPA on K/V already
+laid out contiguously per sequence (a lower bound for any gather-based design, since it skips the
+gather). Ratios are kernel speed-ups over each baseline.
+
+Prefill: our varlen kernel vs the SDPA path (one SDPA call per sequence) on the two batch shapes
+the engine runs: whole prompts with nothing cached (SDPA reads the new K/V directly), and short
+chunks after a long cached context (prefix-cache hits, chunked prefill, and the tokens budget
+forcing inserts; SDPA gathers the context and masks). The engine's CPU prefill uses the faster.
 
     python bench/kernels.py                         # SmolLM2-135M's attention shape
     python bench/kernels.py --num-seqs 64 --context 512 --heads 9 --kv-heads 3 --head-dim 64
@@ -17,7 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from results_io import save
-from server.models.paged_attention import paged_attention_decode, paged_attention_decode_reference
+from server.models.paged_attention import (
+    PrefillMetadata,
+    _prefill_sdpa,
+    paged_attention_decode,
+    paged_attention_decode_reference,
+    paged_attention_prefill_reference,
+)
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -40,8 +52,14 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--prefill-seqs", type=int, default=8, help="sequences per prefill batch")
+    parser.add_argument("--chunk", type=int, default=8, help="query tokens per chunk after a cached context")
     args = parser.parse_args()
+    result = {"shape": vars(args), "decode": bench_decode(args), "prefill": bench_prefill(args)}
+    save("kernels", result, args.out_dir)
 
+
+def bench_decode(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     blocks_per_seq = -(-args.context // args.block_size)
     num_blocks = args.num_seqs * blocks_per_seq + 1
@@ -74,7 +92,7 @@ def main() -> None:
     }
     kv_bytes = 2 * int(context_lens.sum()) * args.kv_heads * args.head_dim * 4
     result = {
-        "shape": vars(args) | {"total_context_tokens": int(context_lens.sum())},
+        "total_context_tokens": int(context_lens.sum()),
         "median_seconds": timings,
         "kernel_gb_per_s": kv_bytes / timings["csrc_kernel"] / 1e9,
         "speedup_vs_reference": timings["torch_reference"] / timings["csrc_kernel"],
@@ -85,7 +103,50 @@ def main() -> None:
     print(f"kernel reads K/V at {result['kernel_gb_per_s']:.2f} GB/s")
     print(f"kernel speed-up: {result['speedup_vs_reference']:.2f}x vs reference, "
           f"{result['speedup_vs_sdpa_pregathered']:.2f}x vs SDPA on pre-gathered K/V")
-    save("kernels", result, args.out_dir)
+    return result
+
+
+def bench_prefill(args) -> dict:
+    """Kernel vs per-sequence SDPA, each checked against the reference first."""
+    gen = torch.Generator().manual_seed(1)
+    bs, kv_heads, head_dim = args.block_size, args.kv_heads, args.head_dim
+    scale = head_dim**-0.5
+    results = {}
+    for name, chunk in (("whole_prompts", None), ("chunks_after_cached_context", args.chunk)):
+        context_lens = torch.randint(16, args.context + 1, (args.prefill_seqs,), generator=gen).tolist()
+        query_lens = context_lens if chunk is None else [min(chunk, n) for n in context_lens]
+        num_blocks = sum(-(-n // bs) for n in context_lens)
+        order = torch.randperm(num_blocks, generator=gen).tolist()
+        tables = [[order.pop() for _ in range(-(-n // bs))] for n in context_lens]
+        meta = PrefillMetadata.build(query_lens, context_lens, tables, torch.device("cpu"))
+        k_cache = torch.randn(num_blocks, bs, kv_heads, head_dim, generator=gen)
+        v_cache = torch.randn(num_blocks, bs, kv_heads, head_dim, generator=gen)
+        query = torch.randn(sum(query_lens), args.heads, head_dim, generator=gen)
+        # The new tokens' K/V, as the model hands them over (already in the cache at their slots).
+        flat = lambda cache: torch.cat([  # noqa: E731
+            cache[t].flatten(0, 1)[n - q : n] for t, n, q in zip(tables, context_lens, query_lens)])
+        key, value = flat(k_cache), flat(v_cache)
+
+        def kernel():
+            out = torch.empty_like(query)
+            torch.ops.s1serve.paged_attention_prefill(
+                out, query, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.cu_seqlens_k, scale)
+            return out
+
+        sdpa = lambda: _prefill_sdpa(query, key, value, k_cache, v_cache, meta, scale)  # noqa: E731
+        want = paged_attention_prefill_reference(query, k_cache, v_cache, meta, scale)
+        torch.testing.assert_close(kernel(), want)
+        torch.testing.assert_close(sdpa(), want)
+        timings = {"csrc_kernel": median_seconds(kernel, args.repeats), "sdpa": median_seconds(sdpa, args.repeats)}
+        results[name] = {
+            "query_tokens": sum(query_lens), "context_tokens": sum(context_lens), "median_seconds": timings,
+            "speedup_vs_sdpa": timings["sdpa"] / timings["csrc_kernel"],
+        }
+        print(f"prefill {name}: {sum(query_lens)} query tokens over {sum(context_lens)} context tokens: "
+              f"kernel {timings['csrc_kernel'] * 1e3:.3f} ms, SDPA {timings['sdpa'] * 1e3:.3f} ms, "
+              f"kernel speed-up {results[name]['speedup_vs_sdpa']:.2f}x")
+    return results
+
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,9 @@ TORCH_LIBRARY(s1serve, m) {
   m.def(
       "paged_attention_decode(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, "
       "Tensor block_tables, Tensor context_lens, float scale) -> ()");
+  m.def(
+      "paged_attention_prefill(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, "
+      "Tensor block_tables, Tensor cu_seqlens_q, Tensor cu_seqlens_k, float scale) -> ()");
 }
 
 // Importing `server._C` loads this library, which registers the ops above with torch.

@@ -15,53 +15,10 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define S1_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define S1_MULTIVERSION
-#endif
-#define S1_INLINE inline __attribute__((always_inline))
+#include "vec.h"
 
 namespace s1serve {
 namespace {
-
-// Eight floats as one GCC vector: AVX registers in the x86-64-v3 clone, SSE pairs in the baseline.
-typedef float vec8 __attribute__((vector_size(32), aligned(4)));  // scratch may be unaligned
-
-S1_INLINE vec8 load8(const float* p) {
-  vec8 r;
-  std::memcpy(&r, p, sizeof(r));
-  return r;
-}
-template <typename other_t>  // fp64 / bf16 / fp16: convert to fp32, accumulate in fp32
-S1_INLINE vec8 load8(const other_t* p) {
-  vec8 r;
-  for (int i = 0; i < 8; ++i) r[i] = static_cast<float>(p[i]);
-  return r;
-}
-
-S1_INLINE float hsum(vec8 v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
-// exp(x) for x <= 0 (a score minus the running max), Cephes' expf polynomial after Cody-Waite
-// range reduction: ~1 ulp, branch-free, so loops over it vectorize (std::exp does not).
-S1_INLINE float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float pow2n;
-  std::memcpy(&pow2n, &bits, sizeof(pow2n));
-  return p * pow2n;
-}
 
 struct Shape {
   int64_t num_heads, head_dim, block_size, num_kv_heads, group, max_blocks, slot_stride, block_stride;

@@ -12,7 +12,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from ..models import ModelConfig
-from ..models.paged_attention import attention_backend
+from ..models.paged_attention import attention_backend, prefill_backend
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import Detokenizer
@@ -58,9 +58,9 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self.sequences: dict[str, Sequence] = {}  # unfinished requests by id, for abort
         logger.info(
-            "engine ready: %s on %s/%s, attention %s, %d KV blocks x %d tokens, max_model_len %d, think template %s",
+            "engine ready: %s on %s/%s, attention %s (prefill %s), %d KV blocks x %d tokens, max_model_len %d, think template %s",
             self.model_config.model_type, self.runner.device, self.runner.dtype,
-            attention_backend(self.runner.device.type), self.runner.num_blocks, config.block_size, self.max_model_len,
+            attention_backend(self.runner.device.type), prefill_backend(self.runner.device.type), self.runner.num_blocks, config.block_size, self.max_model_len,
             self.think_template.name if self.think_template else None,
         )
 

@@ -8,7 +8,7 @@ sequences whose last token was computed (a partial prefill chunk samples nothing
 import torch
 
 from ..models import ModelConfig, load_model
-from ..models.paged_attention import AttentionMetadata
+from ..models.paged_attention import AttentionMetadata, PrefillMetadata
 from .config import EngineConfig
 from .sampler import Sampler
 from .scheduler import ScheduledBatch
@@ -106,16 +106,14 @@ class ModelRunner:
             else:
                 prefill_q.append(n)
                 prefill_ctx.append(end)
-                prefill_tables.append(torch.tensor(table[: -(-end // bs)], device=self.device))
+                prefill_tables.append(table[: -(-end // bs)])
         width = max((len(t) for t in decode_tables), default=0)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=self.device),
             num_decode_tokens=len(decode_tables),
             decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=self.device, dtype=torch.long),
             decode_context_lens=torch.tensor(decode_lens, device=self.device, dtype=torch.long),
-            prefill_query_lens=prefill_q,
-            prefill_context_lens=prefill_ctx,
-            prefill_block_tables=prefill_tables,
+            prefill=PrefillMetadata.build(prefill_q, prefill_ctx, prefill_tables, self.device) if prefill_q else None,
         )
         ids = torch.tensor(input_ids, device=self.device)
         pos = torch.tensor(positions, device=self.device)

@@ -74,11 +74,8 @@ class Attention(nn.Module):
             out[:nd] = pa.paged_attention_decode(
                 q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
             )
-        if nd < q.shape[0]:
-            out[nd:] = pa.paged_attention_prefill(
-                q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta.prefill_block_tables,
-                meta.prefill_query_lens, meta.prefill_context_lens, self.scale,
-            )
+        if meta.prefill is not None:
+            out[nd:] = pa.paged_attention_prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta.prefill, self.scale)
         return self.o_proj(out.view(-1, self.q_size))
 
 

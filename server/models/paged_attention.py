@@ -8,12 +8,45 @@ engine logs it at start.
 """
 
 import functools
+import importlib.util
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import server._C  # noqa: F401  (registers torch.ops.s1serve; a missing build is an error, not a fallback)
+
+
+@dataclass
+class PrefillMetadata:
+    """A varlen batch of prefill chunks, in flash-attn's convention: sequence i's queries are rows
+    cu_seqlens_q[i]:cu_seqlens_q[i+1] of the batch, the last of its
+    cu_seqlens_k[i+1] - cu_seqlens_k[i] tokens (the rest came from the prefix cache or an earlier
+    chunk), and attend causally with the mask aligned bottom-right."""
+
+    cu_seqlens_q: torch.Tensor  # (num_prefills + 1,) int32
+    cu_seqlens_k: torch.Tensor  # (num_prefills + 1,) int32
+    block_tables: torch.Tensor  # (num_prefills, max_blocks) int64, padded with 0
+    max_seqlen_q: int
+    max_seqlen_k: int
+    query_lens: list[int]  # host copies of the lengths, for paths that loop over sequences
+    context_lens: list[int]
+
+    @classmethod
+    def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+              device: torch.device) -> "PrefillMetadata":
+        width = max(len(t) for t in block_tables)
+        cu = lambda lens: torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)  # noqa: E731
+        return cls(
+            cu_seqlens_q=cu(query_lens),
+            cu_seqlens_k=cu(context_lens),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long, device=device),
+            max_seqlen_q=max(query_lens),
+            max_seqlen_k=max(context_lens),
+            query_lens=query_lens,
+            context_lens=context_lens,
+        )
 
 
 @dataclass
@@ -27,9 +60,7 @@ class AttentionMetadata:
     num_decode_tokens: int
     decode_block_tables: torch.Tensor  # (num_decodes, max_blocks) int64, padded with 0
     decode_context_lens: torch.Tensor  # (num_decodes,) int64, tokens each decode attends to
-    prefill_query_lens: list[int]  # per prefill sequence: new tokens this step
-    prefill_context_lens: list[int]  # per prefill sequence: cached + new tokens
-    prefill_block_tables: list[torch.Tensor]  # per prefill sequence: (num_blocks,) int64
+    prefill: PrefillMetadata | None
 
 
 def reshape_and_cache(
@@ -60,6 +91,11 @@ def _(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 @torch.library.register_fake("s1serve::paged_attention_decode")
 def _(out, query, k_cache, v_cache, block_tables, context_lens, scale) -> None:
+    return None
+
+
+@torch.library.register_fake("s1serve::paged_attention_prefill")
+def _(out, query, k_cache, v_cache, block_tables, cu_seqlens_q, cu_seqlens_k, scale) -> None:
     return None
 
 
@@ -118,28 +154,75 @@ def paged_attention_prefill(
     value: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: list[torch.Tensor],
-    query_lens: list[int],
-    context_lens: list[int],
+    meta: PrefillMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """query: (sum(query_lens), num_heads, head_dim) -> same shape; key/value: the new tokens'
-    (sum(query_lens), num_kv_heads, head_dim), already written to the cache.
+    """query: (total_q, num_heads, head_dim) -> same shape; key/value: the new tokens'
+    (total_q, num_kv_heads, head_dim), already written to the cache."""
+    backend = prefill_backend(query.device.type)
+    if backend == "csrc-cpu":
+        out = torch.empty_like(query)
+        torch.ops.s1serve.paged_attention_prefill(
+            out, query.contiguous(), k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.cu_seqlens_k, scale
+        )
+        return out
+    if backend == "flash-attn" and query.dtype in (torch.float16, torch.bfloat16):  # its only dtypes
+        return _prefill_flash_attn(query, key, value, k_cache, v_cache, meta, scale)
+    return _prefill_sdpa(query, key, value, k_cache, v_cache, meta, scale)
 
-    Sequence i's queries are the last `query_lens[i]` of its `context_lens[i]` tokens (the rest
-    came from the prefix cache or an earlier chunk); each attends causally to all before it.
-    A sequence with nothing cached attends to its new K/V directly, skipping the cache gather.
-    """
+
+@functools.cache
+def prefill_backend(device_type: str) -> str:
+    """CUDA: flash-attn's varlen kernel when the `gpu` extra is installed (fp16/bf16; fp32 runs
+    SDPA), else torch SDPA (which has FlashAttention-2 built in on sm80+). CPU: our kernel, which
+    bench/kernels.py measured faster than per-sequence SDPA on whole prompts and on chunks after a
+    cached context (figures in the README)."""
+    if device_type == "cuda":
+        return "flash-attn" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
+    if torch._C._dispatch_has_kernel_for_dispatch_key("s1serve::paged_attention_prefill", "CPU"):
+        return "csrc-cpu"
+    return "sdpa"
+
+
+def _prefill_flash_attn(query, key, value, k_cache, v_cache, meta: PrefillMetadata, scale: float) -> torch.Tensor:
+    """One varlen call for the batch. Chunks with cached context read it through a gather of
+    their slots (flash-attn's own paged mode needs blocks of 256 tokens)."""
+    from flash_attn import flash_attn_varlen_func
+
+    if meta.query_lens != meta.context_lens:
+        key, value = gather_context(k_cache, v_cache, meta)
+    return flash_attn_varlen_func(
+        query, key, value, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k,
+        softmax_scale=scale, causal=True,
+    )
+
+
+def gather_context(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PrefillMetadata):
+    """Every prefill sequence's whole context, packed by cu_seqlens_k: (total_k, kv_heads, head_dim)."""
+    block_size = k_cache.shape[1]
+    positions = torch.cat([torch.arange(n, device=k_cache.device) for n in meta.context_lens])
+    seq_of = torch.repeat_interleave(
+        torch.arange(len(meta.context_lens), device=k_cache.device),
+        torch.tensor(meta.context_lens, device=k_cache.device),
+    )
+    slots = meta.block_tables[seq_of, positions // block_size] * block_size + positions % block_size
+    return k_cache.flatten(0, 1)[slots], v_cache.flatten(0, 1)[slots]
+
+
+def _prefill_sdpa(query, key, value, k_cache, v_cache, meta: PrefillMetadata, scale: float) -> torch.Tensor:
+    """One SDPA call per sequence. A sequence with nothing cached attends to its new K/V directly;
+    one with cached context reads the cache with an explicit bottom-right causal mask."""
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     out = torch.empty_like(query)
     start = 0
-    for table, q_len, ctx_len in zip(block_tables, query_lens, context_lens):
+    for i, (q_len, ctx_len) in enumerate(zip(meta.query_lens, meta.context_lens)):
         q = query[start : start + q_len].transpose(0, 1)  # (num_heads, q_len, head_dim)
         if q_len == ctx_len:
             keys = key[start : start + q_len].transpose(0, 1)  # (num_kv_heads, q_len, head_dim)
             values = value[start : start + q_len].transpose(0, 1)
             o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         else:
+            table = meta.block_tables[i, : -(-ctx_len // block_size)]
             keys = k_cache[table].view(-1, num_kv_heads, head_dim)[:ctx_len].transpose(0, 1)
             values = v_cache[table].view(-1, num_kv_heads, head_dim)[:ctx_len].transpose(0, 1)
             q_pos = torch.arange(ctx_len - q_len, ctx_len, device=query.device)
@@ -147,4 +230,23 @@ def paged_attention_prefill(
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start : start + q_len] = o.transpose(0, 1)
         start += q_len
+    return out
+
+
+def paged_attention_prefill_reference(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PrefillMetadata, scale: float
+) -> torch.Tensor:
+    """Pure torch, reading only the cache: gather each context, softmax(QK^T) V with the mask."""
+    _, num_kv_heads, head_dim = k_cache.shape[1:]
+    keys, values = gather_context(k_cache, v_cache, meta)
+    out = torch.empty_like(query)
+    for i, (q_len, ctx_len) in enumerate(zip(meta.query_lens, meta.context_lens)):
+        q0, k0 = int(meta.cu_seqlens_q[i]), int(meta.cu_seqlens_k[i])
+        q = query[q0 : q0 + q_len].transpose(0, 1)  # (num_heads, q_len, head_dim)
+        k = keys[k0 : k0 + ctx_len].transpose(0, 1).repeat_interleave(query.shape[1] // num_kv_heads, dim=0)
+        v = values[k0 : k0 + ctx_len].transpose(0, 1).repeat_interleave(query.shape[1] // num_kv_heads, dim=0)
+        scores = (q @ k.transpose(1, 2)) * scale
+        visible = torch.arange(ctx_len)[None, :] <= torch.arange(ctx_len - q_len, ctx_len)[:, None]
+        scores = scores.masked_fill(~visible.to(scores.device), float("-inf"))
+        out[q0 : q0 + q_len] = (scores.softmax(-1) @ v).transpose(0, 1)
     return out

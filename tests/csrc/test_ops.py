@@ -8,15 +8,21 @@ import pytest
 import torch
 
 from server.models.paged_attention import (
+    PrefillMetadata,
+    _prefill_sdpa,
     attention_backend,
+    gather_context,
     paged_attention_decode,
     paged_attention_decode_reference,
+    paged_attention_prefill,
+    paged_attention_prefill_reference,
+    prefill_backend,
     reshape_and_cache,
     reshape_and_cache_reference,
 )
 
 POISON = 3e4  # fits fp16 too
-OPS = ("paged_attention_decode", "reshape_and_cache")
+OPS = ("paged_attention_decode", "paged_attention_prefill", "reshape_and_cache")
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -44,8 +50,25 @@ def random_paged_batch(context_lens, num_heads, num_kv_heads, head_dim, block_si
     return query, k_cache, v_cache, block_tables, torch.tensor(context_lens, dtype=torch.long)
 
 
+def random_prefill_batch(context_lens, query_lens, num_heads, num_kv_heads, head_dim, block_size, seed,
+                         dtype=torch.float32):
+    """A varlen prefill batch over a poisoned paged cache: sequence i's last query_lens[i] of
+    context_lens[i] tokens are the new ones. Returns query, new key/value, caches and metadata."""
+    _, k_cache, v_cache, tables, _ = random_paged_batch(context_lens, num_heads, num_kv_heads, head_dim, block_size,
+                                                        seed, dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    query = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen).to(dtype)
+    meta = PrefillMetadata.build(query_lens, context_lens,
+                                 [t[: -(-n // block_size)].tolist() for t, n in zip(tables, context_lens)],
+                                 torch.device("cpu"))
+    keys, values = gather_context(k_cache, v_cache, meta)
+    new = torch.cat([torch.arange(int(end) - q, int(end)) for end, q in zip(meta.cu_seqlens_k[1:], query_lens)])
+    return query, keys[new], values[new], k_cache, v_cache, meta
+
+
 def test_the_cpu_runs_the_compiled_kernels_not_the_reference():
     assert attention_backend("cpu") == "csrc-cpu"
+    assert prefill_backend("cpu") == "csrc-cpu"
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"s1serve::{op}", "CPU")
 
@@ -90,6 +113,60 @@ def test_decode_in_half_precision_accumulates_in_fp32(dtype):
     assert relative_error(got.float(), want) < 1e-2
 
 
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("head_dim", [64, 128, 16])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (9, 3), (12, 1)])
+def test_prefill_matches_reference(block_size, head_dim, num_heads, num_kv_heads):
+    """Whole prompts, chunks after cached context, one-token chunks, tiles of 16 rows and block
+    boundaries, all in one varlen batch."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    bs = block_size
+    cases = [(1, 1), (5, 5), (bs, 3), (bs + 1, bs), (2 * bs - 1, 1), (40, 17), (77, 77), (200, 33), (3 * bs, 2 * bs)]
+    context_lens = [n for n, _ in cases]
+    query_lens = [min(q, n) for n, q in cases]
+    query, _, _, k_cache, v_cache, meta = random_prefill_batch(context_lens, query_lens, num_heads, num_kv_heads,
+                                                                head_dim, block_size, seed)
+    got = paged_attention_prefill(query, None, None, k_cache, v_cache, meta, head_dim**-0.5)
+    want = paged_attention_prefill_reference(query.double(), k_cache.double(), v_cache.double(), meta, head_dim**-0.5)
+    assert relative_error(got, want) < 1e-5, f"seed {seed}"
+
+
+def test_the_sdpa_prefill_path_matches_reference():
+    """The path CUDA takes without flash-attn, checked here on the CPU."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    query, key, value, k_cache, v_cache, meta = random_prefill_batch([9, 40, 64], [9, 7, 64], 8, 2, 64, 16, seed)
+    got = _prefill_sdpa(query, key, value, k_cache, v_cache, meta, 0.125)
+    assert relative_error(got, paged_attention_prefill_reference(query, k_cache, v_cache, meta, 0.125)) < 1e-5
+
+
+def test_prefill_is_stable_at_32k_context_with_peaked_scores():
+    """Scores of +-100 carry ~1e-5 relative error in fp32 itself (an ulp at 100 is 7.6e-6), so over
+    40 rows torch's own fp32 computation lands just above 1e-5 against fp64; the kernel must do
+    no worse than that."""
+    query, _, _, k_cache, v_cache, meta = random_prefill_batch([32768, 20], [40, 20], 4, 2, 64, 16, seed=2)
+    query = query * 8
+    got = paged_attention_prefill(query, None, None, k_cache, v_cache, meta, 1.0)
+    want = paged_attention_prefill_reference(query.double(), k_cache.double(), v_cache.double(), meta, 1.0)
+    torch_fp32 = paged_attention_prefill_reference(query, k_cache, v_cache, meta, 1.0)
+    assert torch.isfinite(got).all()
+    assert relative_error(got, want) <= max(1e-5, 1.1 * relative_error(torch_fp32, want))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefill_in_half_precision_accumulates_in_fp32(dtype):
+    query, _, _, k_cache, v_cache, meta = random_prefill_batch([16, 50, 300], [16, 9, 40], 8, 2, 64, 16, 3, dtype)
+    got = paged_attention_prefill(query, None, None, k_cache, v_cache, meta, 0.125)
+    want = paged_attention_prefill_reference(query.float(), k_cache.float(), v_cache.float(), meta, 0.125)
+    assert relative_error(got.float(), want) < 1e-2
+
+
+def test_prefill_rejects_a_query_longer_than_its_context():
+    query, _, _, k_cache, v_cache, meta = random_prefill_batch([8], [8], 4, 2, 16, 4, seed=0)
+    meta.cu_seqlens_k[1] = 7
+    with pytest.raises(RuntimeError, match="query length <= context length"):
+        paged_attention_prefill(query, None, None, k_cache, v_cache, meta, 0.25)
+
+
 @pytest.mark.parametrize("block_size", [1, 16])
 def test_reshape_and_cache_matches_reference_and_skips_negative_slots(block_size):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
@@ -119,6 +196,10 @@ def test_ops_pass_torch_opcheck():
     query, k_cache, v_cache, tables, lens = random_paged_batch([5, 17], 4, 2, 16, 4, seed=0)
     torch.library.opcheck(torch.ops.s1serve.paged_attention_decode.default,
                           (torch.empty_like(query), query, k_cache, v_cache, tables, lens, 0.25))
+    query, _, _, k_cache, v_cache, meta = random_prefill_batch([5, 17], [5, 3], 4, 2, 16, 4, seed=0)
+    torch.library.opcheck(torch.ops.s1serve.paged_attention_prefill.default,
+                          (torch.empty_like(query), query, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
+                           meta.cu_seqlens_k, 0.25))
     key = torch.randn(3, 2, 16)
     torch.library.opcheck(torch.ops.s1serve.reshape_and_cache.default,
                           (key, key.clone(), k_cache, v_cache, torch.tensor([0, 5, -1])))

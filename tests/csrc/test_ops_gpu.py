@@ -6,15 +6,20 @@ import torch
 
 from server.engine import SamplingParams
 from server.models.paged_attention import (
+    _prefill_flash_attn,
+    _prefill_sdpa,
     attention_backend,
     paged_attention_decode,
     paged_attention_decode_reference,
+    paged_attention_prefill,
+    paged_attention_prefill_reference,
+    prefill_backend,
     reshape_and_cache,
     reshape_and_cache_reference,
 )
 from tests.conftest import hf_greedy, random_prompts
 
-from .test_ops import POISON, random_paged_batch, relative_error
+from .test_ops import POISON, random_paged_batch, random_prefill_batch, relative_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -45,6 +50,39 @@ def test_decode_on_cuda_is_stable_at_32k_context():
     got = paged_attention_decode(query, *batch[1:], 1.0)
     want = paged_attention_decode_reference(*(t.double() if t.is_floating_point() else t for t in (query, *batch[1:])), 1.0)
     assert torch.isfinite(got).all() and relative_error(got, want) < 1e-5
+
+
+def cuda_prefill_batch(dtype, block_size, seed):
+    """Whole prompts, chunks after cached context and one-token chunks, on the GPU."""
+    bs = block_size
+    context_lens, query_lens = [1, 5, bs + 1, 40, 77, 300], [1, 5, bs, 17, 77, 33]
+    query, key, value, k_cache, v_cache, meta = random_prefill_batch(context_lens, query_lens, 8, 2, 128, bs, seed, dtype)
+    for name in ("cu_seqlens_q", "cu_seqlens_k", "block_tables"):
+        setattr(meta, name, getattr(meta, name).cuda())
+    return query.cuda(), key.cuda(), value.cuda(), k_cache.cuda(), v_cache.cuda(), meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_prefill_matches_reference_on_cuda(dtype, block_size):
+    """Whichever backend the GPU runs (flash-attn when installed, else SDPA), and SDPA always."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    query, key, value, k_cache, v_cache, meta = cuda_prefill_batch(dtype, block_size, seed)
+    want = paged_attention_prefill_reference(query.double(), k_cache.double(), v_cache.double(), meta, 128**-0.5)
+    got = paged_attention_prefill(query, key, value, k_cache, v_cache, meta, 128**-0.5)
+    assert relative_error(got, want) < TOLERANCE[dtype], f"{prefill_backend('cuda')}, seed {seed}"
+    sdpa = _prefill_sdpa(query, key, value, k_cache, v_cache, meta, 128**-0.5)
+    assert relative_error(sdpa, want) < TOLERANCE[dtype], f"sdpa, seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flash_attn_varlen_prefill_matches_reference(dtype):
+    pytest.importorskip("flash_attn", reason="the gpu extra (flash-attn) is not installed")
+    assert prefill_backend("cuda") == "flash-attn"
+    query, key, value, k_cache, v_cache, meta = cuda_prefill_batch(dtype, 16, seed=4)
+    want = paged_attention_prefill_reference(query.double(), k_cache.double(), v_cache.double(), meta, 128**-0.5)
+    got = _prefill_flash_attn(query, key, value, k_cache, v_cache, meta, 128**-0.5)
+    assert relative_error(got, want) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -34,6 +34,20 @@ def test_multi_stage_build_compiles_the_extension_for_hopper_and_ampere():
     assert any(op == "COPY" and args.startswith("--from=builder /wheels") for op, args in final_stage())
 
 
+def test_the_image_installs_the_gpu_extra_with_flash_attn_built_in_the_builder():
+    steps = instructions()
+    stages = [i for i, (op, _) in enumerate(steps) if op == "FROM"]
+    builder = " ".join(args for _, args in steps[stages[0] : stages[1]])
+    assert re.search(r"pip wheel --no-build-isolation --no-deps --wheel-dir /wheels \"flash-attn==", builder)
+    assert 'FLASH_ATTN_CUDA_ARCHS="80;90"' in builder
+    install = " ".join(args for op, args in final_stage() if op == "RUN")
+    assert 'echo "[gpu]"' in install and "--find-links /wheels" in install
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("flash-attn") for req in extras["gpu"])
+    default = next(args for op, args in steps if op == "ARG" and args.startswith("WITH_FLASH_ATTN="))
+    assert default == "WITH_FLASH_ATTN=1"
+
+
 def test_runs_as_a_non_root_user():
     users = [args for op, args in final_stage() if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")

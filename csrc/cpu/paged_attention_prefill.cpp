@@ -1,0 +1,231 @@
+// Varlen causal prefill on the CPU, reading K/V in place from the paged cache. Sequence i's
+// queries are rows cu_seqlens_q[i]..cu_seqlens_q[i+1] of `query`, the last q_len of its
+// ctx = cu_seqlens_k[i+1] - cu_seqlens_k[i] tokens (the rest came from the prefix cache or an
+// earlier chunk), and each attends to every key at or before its own position: the causal mask
+// is aligned bottom-right, as flash-attn's varlen kernels align it.
+//
+// A task is (sequence, tile of 16 query rows, kv head) and serves the GQA group of that head.
+// Rows sit in vector lanes: Q is transposed into scratch (head_dim x 16), so a score row for one
+// key is 2 vec8 FMAs per dimension, and the online softmax (max, exp, sum) runs on 16 rows at once.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "vec.h"
+
+namespace s1serve {
+namespace {
+
+constexpr int64_t kRows = 16;  // query rows per task: two vec8 of lanes
+
+struct PrefillShape {
+  int64_t num_heads, head_dim, block_size, group, slot_stride, block_stride, max_blocks;
+};
+
+// Per-thread buffers, held as floats and used through vec8 pointers: a std::vector<vec8> would
+// drop the typedef's aligned(4) and let the compiler emit aligned 32-byte loads on 16-byte memory.
+struct Scratch {
+  std::vector<float> qt_, scores_, acc_;
+  vec8* qt;      // head_dim x 2: Q tile transposed (a row per lane), pre-scaled
+  vec8* scores;  // block_size x 2: this block's scores, then probabilities
+  vec8* acc;     // kRows x head_dim/8: unnormalised output rows
+  explicit Scratch(const PrefillShape& s)
+      : qt_(kRows * s.head_dim), scores_(kRows * s.block_size), acc_(kRows * s.head_dim),
+        qt(reinterpret_cast<vec8*>(qt_.data())), scores(reinterpret_cast<vec8*>(scores_.data())),
+        acc(reinterpret_cast<vec8*>(acc_.data())) {}
+};
+
+// acc[0..N) = acc * corr + sum over the block's n keys of p[t] * V[t] (N vectors of one row).
+template <int N, typename scalar_t>
+S1_INLINE void accumulate_pv(vec8* __restrict acc, float corr, const float* probs, const scalar_t* v, int64_t n,
+                             int64_t slot_stride) {
+  vec8 a[N];
+  for (int i = 0; i < N; ++i) a[i] = acc[i] * corr;
+  for (int64_t t = 0; t < n; ++t) {
+    const float p = probs[t * 16];
+    for (int i = 0; i < N; ++i) a[i] += p * load8(v + t * slot_stride + 8 * i);
+  }
+  for (int i = 0; i < N; ++i) acc[i] = a[i];
+}
+
+template <typename scalar_t>
+S1_INLINE void prefill_task(const PrefillShape& s, const scalar_t* q_ptr, const scalar_t* k_ptr,
+                            const scalar_t* v_ptr, scalar_t* out_ptr, const int64_t* table, int64_t q_len,
+                            int64_t ctx, int64_t row0, int64_t kv, float scale, Scratch& w) {
+  const int64_t rows = std::min(kRows, q_len - row0), chunks = s.head_dim / 8, bs = s.block_size;
+  const int64_t first_pos = ctx - q_len + row0;  // position of the tile's first query row
+  const int64_t num_keys = first_pos + rows;     // keys any row of the tile can see
+  const vec8i lane_lo = {0, 1, 2, 3, 4, 5, 6, 7}, lane_hi = lane_lo + 8;
+  const vec8 neg_inf = vec8{} - std::numeric_limits<float>::infinity();
+  float* qt = reinterpret_cast<float*>(w.qt);
+  for (int64_t g = 0; g < s.group; ++g) {
+    const int64_t head = kv * s.group + g;
+    std::fill(qt, qt + 16 * s.head_dim, 0.0f);  // rows past the tile stay zero: finite, never stored
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* src = q_ptr + ((row0 + r) * s.num_heads + head) * s.head_dim;
+      for (int64_t d = 0; d < s.head_dim; ++d) qt[d * 16 + r] = static_cast<float>(src[d]) * scale;
+    }
+    vec8 max_lo = neg_inf, max_hi = neg_inf, sum_lo{}, sum_hi{};
+    for (int64_t i = 0; i < kRows * chunks; ++i) w.acc[i] = vec8{};
+
+    for (int64_t b = 0; b * bs < num_keys; ++b) {
+      const int64_t n = std::min(bs, num_keys - b * bs);
+      const int64_t base = table[b] * s.block_stride + kv * s.head_dim;
+      vec8 block_max_lo = neg_inf, block_max_hi = neg_inf;
+      for (int64_t t = 0; t < n; t += 4) {  // four keys at a time: eight independent FMA chains
+        const int64_t keys = std::min<int64_t>(4, n - t);
+        const scalar_t* k[4];
+        for (int64_t j = 0; j < 4; ++j) k[j] = k_ptr + base + (t + std::min(j, keys - 1)) * s.slot_stride;
+        vec8 lo[4] = {}, hi[4] = {};
+        for (int64_t d = 0; d < s.head_dim; ++d) {
+          const vec8 q_lo = w.qt[2 * d], q_hi = w.qt[2 * d + 1];
+          for (int j = 0; j < 4; ++j) {
+            const float kd = static_cast<float>(k[j][d]);
+            lo[j] += kd * q_lo;
+            hi[j] += kd * q_hi;
+          }
+        }
+        for (int64_t j = 0; j < keys; ++j) {
+          // Row r sees key position p iff p <= first_pos + r.
+          const int32_t first_row = static_cast<int32_t>(b * bs + t + j - first_pos);
+          const vec8 l = select8(lane_lo >= first_row, lo[j], neg_inf);
+          const vec8 h = select8(lane_hi >= first_row, hi[j], neg_inf);
+          w.scores[2 * (t + j)] = l;
+          w.scores[2 * (t + j) + 1] = h;
+          block_max_lo = select8(l > block_max_lo, l, block_max_lo);
+          block_max_hi = select8(h > block_max_hi, h, block_max_hi);
+        }
+      }
+      // Every row sees key 0, so after the first block each running max is finite.
+      const vec8 new_lo = select8(block_max_lo > max_lo, block_max_lo, max_lo);
+      const vec8 new_hi = select8(block_max_hi > max_hi, block_max_hi, max_hi);
+      const vec8 corr_lo = exp_nonpositive8(max_lo - new_lo), corr_hi = exp_nonpositive8(max_hi - new_hi);
+      max_lo = new_lo;
+      max_hi = new_hi;
+      sum_lo *= corr_lo;
+      sum_hi *= corr_hi;
+      for (int64_t t = 0; t < n; ++t) {  // masked lanes hold -inf: their probability is exactly 0
+        const vec8 lo = w.scores[2 * t], hi = w.scores[2 * t + 1];
+        const vec8 p_lo = select8(lo > neg_inf, exp_nonpositive8(lo - max_lo), vec8{});
+        const vec8 p_hi = select8(hi > neg_inf, exp_nonpositive8(hi - max_hi), vec8{});
+        w.scores[2 * t] = p_lo;
+        w.scores[2 * t + 1] = p_hi;
+        sum_lo += p_lo;
+        sum_hi += p_hi;
+      }
+      const float* probs = reinterpret_cast<const float*>(w.scores);  // [t * 16 + r]
+      for (int64_t r = 0; r < rows; ++r) {
+        vec8* acc = w.acc + r * chunks;
+        const float corr = r < 8 ? corr_lo[r] : corr_hi[r - 8];
+        int64_t c = 0;  // columns in runs of 8, 4, 2, 1 vectors: independent chains in registers
+        for (; c + 8 <= chunks; c += 8) accumulate_pv<8>(acc + c, corr, probs + r, v_ptr + base + 8 * c, n, s.slot_stride);
+        for (; c + 4 <= chunks; c += 4) accumulate_pv<4>(acc + c, corr, probs + r, v_ptr + base + 8 * c, n, s.slot_stride);
+        for (; c + 2 <= chunks; c += 2) accumulate_pv<2>(acc + c, corr, probs + r, v_ptr + base + 8 * c, n, s.slot_stride);
+        for (; c < chunks; ++c) accumulate_pv<1>(acc + c, corr, probs + r, v_ptr + base + 8 * c, n, s.slot_stride);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float inv = 1.0f / (r < 8 ? sum_lo[r] : sum_hi[r - 8]);
+      scalar_t* dst = out_ptr + ((row0 + r) * s.num_heads + head) * s.head_dim;
+      const vec8* acc = w.acc + r * chunks;
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int i = 0; i < 8; ++i) dst[8 * c + i] = static_cast<scalar_t>(acc[c][i] * inv);
+    }
+  }
+}
+
+struct Task {
+  int64_t seq, row0, kv;
+};
+
+// Tasks are dealt round-robin to threads: later tiles see more keys, so contiguous ranges of
+// tasks would leave one thread with most of the work.
+#define S1_DEFINE_PREFILL_TASKS(T)                                                                                \
+  S1_MULTIVERSION void prefill_tasks(const PrefillShape& s, const std::vector<Task>& tasks, int64_t first,       \
+                                     int64_t stride, const T* q_ptr, const T* k_ptr, const T* v_ptr, T* out_ptr,  \
+                                     const int64_t* tables, const int32_t* cu_q, const int32_t* cu_k,            \
+                                     float scale, Scratch& w) {                                                   \
+    for (int64_t i = first; i < static_cast<int64_t>(tasks.size()); i += stride) {                               \
+      const Task& task = tasks[i];                                                                                \
+      const int64_t q_begin = cu_q[task.seq];                                                                     \
+      prefill_task<T>(s, q_ptr + q_begin * s.num_heads * s.head_dim, k_ptr, v_ptr,                                \
+                      out_ptr + q_begin * s.num_heads * s.head_dim, tables + task.seq * s.max_blocks,             \
+                      cu_q[task.seq + 1] - q_begin, cu_k[task.seq + 1] - cu_k[task.seq], task.row0, task.kv,      \
+                      scale, w);                                                                                  \
+    }                                                                                                             \
+  }
+S1_DEFINE_PREFILL_TASKS(float)
+S1_DEFINE_PREFILL_TASKS(double)
+S1_DEFINE_PREFILL_TASKS(at::BFloat16)
+S1_DEFINE_PREFILL_TASKS(at::Half)
+
+void paged_attention_prefill(torch::Tensor out, const torch::Tensor& query, const torch::Tensor& k_cache,
+                             const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                             const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k, double scale) {
+  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "query (tokens, heads, dim) and caches (blocks, block_size, kv_heads, dim) expected");
+  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(query.size(2) == k_cache.size(3) && query.size(2) % 8 == 0,
+              "head_dim of query and cache must agree and be a multiple of 8");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kLong, "block_tables must be int64");
+  TORCH_CHECK(cu_seqlens_q.scalar_type() == torch::kInt && cu_seqlens_k.scalar_type() == torch::kInt,
+              "cu_seqlens must be int32");
+  const int64_t num_seqs = block_tables.size(0);
+  TORCH_CHECK(cu_seqlens_q.numel() == num_seqs + 1 && cu_seqlens_k.numel() == num_seqs + 1,
+              "cu_seqlens need one entry per sequence plus one");
+  TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  block_tables.is_contiguous() && cu_seqlens_q.is_contiguous() && cu_seqlens_k.is_contiguous() &&
+                  out.is_contiguous(),
+              "contiguous tensors expected");
+  TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type(), "out must match query");
+  TORCH_CHECK(k_cache.scalar_type() == query.scalar_type() && v_cache.scalar_type() == query.scalar_type(),
+              "cache and query dtypes differ");
+
+  PrefillShape s;
+  s.num_heads = query.size(1);
+  s.head_dim = query.size(2);
+  s.block_size = k_cache.size(1);
+  const int64_t num_kv_heads = k_cache.size(2);
+  s.group = s.num_heads / num_kv_heads;
+  s.slot_stride = num_kv_heads * s.head_dim;
+  s.block_stride = s.block_size * s.slot_stride;
+  s.max_blocks = block_tables.size(1);
+
+  const int32_t* cu_q = cu_seqlens_q.data_ptr<int32_t>();
+  const int32_t* cu_k = cu_seqlens_k.data_ptr<int32_t>();
+  TORCH_CHECK(cu_q[0] == 0 && cu_k[0] == 0 && cu_q[num_seqs] == query.size(0), "cu_seqlens must start at 0 and "
+              "cu_seqlens_q must end at the number of query rows");
+  std::vector<Task> tasks;
+  for (int64_t seq = 0; seq < num_seqs; ++seq) {
+    const int64_t q_len = cu_q[seq + 1] - cu_q[seq], ctx = cu_k[seq + 1] - cu_k[seq];
+    TORCH_CHECK(q_len >= 1 && ctx >= q_len, "each sequence needs 1 <= query length <= context length");
+    TORCH_CHECK((ctx + s.block_size - 1) / s.block_size <= s.max_blocks, "a context is longer than its block table");
+    for (int64_t row0 = 0; row0 < q_len; row0 += kRows)
+      for (int64_t kv = 0; kv < num_kv_heads; ++kv) tasks.push_back({seq, row0, kv});
+  }
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks.size()));
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention_prefill", [&] {
+    const scalar_t* q_ptr = query.data_ptr<scalar_t>();
+    const scalar_t* k_ptr = k_cache.data_ptr<scalar_t>();
+    const scalar_t* v_ptr = v_cache.data_ptr<scalar_t>();
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+      Scratch w(s);
+      for (int64_t worker = begin; worker < end; ++worker)
+        prefill_tasks(s, tasks, worker, workers, q_ptr, k_ptr, v_ptr, out_ptr, tables, cu_q, cu_k,
+                      static_cast<float>(scale), w);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(s1serve, CPU, m) { m.impl("paged_attention_prefill", &paged_attention_prefill); }
+
+}  // namespace s1serve
