@@ -15,6 +15,10 @@ import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
+# at::parallel_for is header code that splits work with `#pragma omp parallel`: without -fopenmp
+# the pragma is ignored and every CPU kernel runs on one thread. The resulting libgomp.so.1
+# dependency resolves to the one torch has already loaded.
+CXX_FLAGS = ["-O3", "-fopenmp"]
 # One list for the build and for the CI test that compiles csrc/cuda/ with nvcc alone.
 NVCC_FLAGS = Path("csrc/cuda/nvcc_flags.txt").read_text().split()
 
@@ -22,10 +26,10 @@ sources = ["csrc/bindings.cpp", *sorted(str(p) for p in Path("csrc/cpu").glob("*
 if torch.version.cuda is not None and CUDA_HOME is not None:
     sources += ["csrc/cuda_bindings.cpp", *sorted(str(p) for p in Path("csrc/cuda").glob("*.cu"))]
     extension = CUDAExtension(
-        "server._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS}
+        "server._C", sources, extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=["-fopenmp"]
     )
 else:
-    extension = CppExtension("server._C", sources, extra_compile_args=["-O3"])
+    extension = CppExtension("server._C", sources, extra_compile_args=CXX_FLAGS, extra_link_args=["-fopenmp"])
 
 # gRPC stubs are generated from protos/ on every build, never committed (needs grpcio-tools).
 runpy.run_path("protos/generate.py")["generate"]()

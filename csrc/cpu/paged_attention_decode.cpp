@@ -51,36 +51,49 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
   for (int64_t b = 0; b < num_blocks; ++b) {
     const int64_t n = std::min(bs, ctx - b * bs);
     const int64_t base = table[b] * s.block_stride + kv_begin * s.head_dim;
-    for (int64_t t = 0; t < n; ++t) {
-      const scalar_t* k_row = k_ptr + base + t * s.slot_stride;
-      for (int64_t h = 0; h < heads; ++h) {
-        const scalar_t* k = k_row + (h / s.group) * s.head_dim;
-        const vec8* qh = q + h * chunks;
+    for (int64_t h = 0; h < heads; ++h) {
+      const scalar_t* k_head = k_ptr + base + (h / s.group) * s.head_dim;
+      const vec8* qh = q + h * chunks;
+      float* sc = scores + h * bs;
+      int64_t t = 0;
+      for (; t + 8 <= n; t += 8) {  // eight keys at a time: eight independent chains, one vector of sums
+        vec8 part[8] = {};
+        for (int64_t c = 0; c < chunks; ++c) {
+          const vec8 qc = qh[c];
+          for (int j = 0; j < 8; ++j) part[j] += load8(k_head + (t + j) * s.slot_stride + 8 * c) * qc;
+        }
+        store8(sc + t, hsum8x8(part));
+      }
+      for (; t < n; ++t) {
         vec8 sum{};
-        for (int64_t c = 0; c < chunks; ++c) sum += load8(k + 8 * c) * qh[c];
-        scores[h * bs + t] = hsum(sum);
+        for (int64_t c = 0; c < chunks; ++c) sum += load8(k_head + t * s.slot_stride + 8 * c) * qh[c];
+        sc[t] = hsum(sum);
       }
     }
     for (int64_t h = 0; h < heads; ++h) {
       float* sc = scores + h * bs;
+      const int64_t whole = n / 8 * 8;  // eight scores per vector, then a scalar tail
       float block_max = sc[0];
-      for (int64_t t = 1; t < n; ++t) block_max = std::max(block_max, sc[t]);
+      if (whole) {
+        vec8 max8 = load8(sc);
+        for (int64_t t = 8; t < whole; t += 8) max8 = select8(load8(sc + t) > max8, load8(sc + t), max8);
+        for (int i = 0; i < 8; ++i) block_max = std::max(block_max, max8[i]);
+      }
+      for (int64_t t = whole; t < n; ++t) block_max = std::max(block_max, sc[t]);
       const float new_max = std::max(running_max[h], block_max);
       const float correction = exp_nonpositive(running_max[h] - new_max);  // exp(-inf) -> 0 via clamp
-      float sum = 0;
-      for (int64_t t = 0; t < n; ++t) sum += (sc[t] = exp_nonpositive(sc[t] - new_max));
+      vec8 sum8{};
+      for (int64_t t = 0; t < whole; t += 8) {
+        const vec8 p = exp_nonpositive8(load8(sc + t) - new_max);
+        store8(sc + t, p);
+        sum8 += p;
+      }
+      float sum = hsum(sum8);
+      for (int64_t t = whole; t < n; ++t) sum += (sc[t] = exp_nonpositive(sc[t] - new_max));
       running_sum[h] = running_sum[h] * correction + sum;
       running_max[h] = new_max;
-      if (correction != 1.0f)
-        for (int64_t c = 0; c < chunks; ++c) acc[h * chunks + c] *= correction;
-    }
-    for (int64_t t = 0; t < n; ++t) {
-      const scalar_t* v_row = v_ptr + base + t * s.slot_stride;
-      for (int64_t kv = 0; kv < kv_end - kv_begin; ++kv)
-        for (int64_t c = 0; c < chunks; ++c) {
-          const vec8 vc = load8(v_row + kv * s.head_dim + 8 * c);
-          for (int64_t h = kv * s.group; h < (kv + 1) * s.group; ++h) acc[h * chunks + c] += scores[h * bs + t] * vc;
-        }
+      accumulate_pv_row(acc + h * chunks, chunks, correction, sc, 1, v_ptr + base + (h / s.group) * s.head_dim, n,
+                        s.slot_stride);
     }
   }
   for (int64_t h = 0; h < heads; ++h) {

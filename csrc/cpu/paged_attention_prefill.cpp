@@ -40,19 +40,6 @@ struct Scratch {
         acc(reinterpret_cast<vec8*>(acc_.data())) {}
 };
 
-// acc[0..N) = acc * corr + sum over the block's n keys of p[t] * V[t] (N vectors of one row).
-template <int N, typename scalar_t>
-S1_INLINE void accumulate_pv(vec8* __restrict acc, float corr, const float* probs, const scalar_t* v, int64_t n,
-                             int64_t slot_stride) {
-  vec8 a[N];
-  for (int i = 0; i < N; ++i) a[i] = acc[i] * corr;
-  for (int64_t t = 0; t < n; ++t) {
-    const float p = probs[t * 16];
-    for (int i = 0; i < N; ++i) a[i] += p * load8(v + t * slot_stride + 8 * i);
-  }
-  for (int i = 0; i < N; ++i) acc[i] = a[i];
-}
-
 template <typename scalar_t>
 S1_INLINE void prefill_task(const PrefillShape& s, const scalar_t* q_ptr, const scalar_t* k_ptr,
                             const scalar_t* v_ptr, scalar_t* out_ptr, const int64_t* table, int64_t q_len,
@@ -122,11 +109,7 @@ S1_INLINE void prefill_task(const PrefillShape& s, const scalar_t* q_ptr, const 
       for (int64_t r = 0; r < rows; ++r) {
         vec8* acc = w.acc + r * chunks;
         const float corr = r < 8 ? corr_lo[r] : corr_hi[r - 8];
-        int64_t c = 0;  // columns in runs of 8, 4, 2, 1 vectors: independent chains in registers
-        for (; c + 8 <= chunks; c += 8) accumulate_pv<8>(acc + c, corr, probs + r, v_ptr + base + 8 * c, n, s.slot_stride);
-        for (; c + 4 <= chunks; c += 4) accumulate_pv<4>(acc + c, corr, probs + r, v_ptr + base + 8 * c, n, s.slot_stride);
-        for (; c + 2 <= chunks; c += 2) accumulate_pv<2>(acc + c, corr, probs + r, v_ptr + base + 8 * c, n, s.slot_stride);
-        for (; c < chunks; ++c) accumulate_pv<1>(acc + c, corr, probs + r, v_ptr + base + 8 * c, n, s.slot_stride);
+        accumulate_pv_row(acc, chunks, corr, probs + r, 16, v_ptr + base, n, s.slot_stride);
       }
     }
     for (int64_t r = 0; r < rows; ++r) {

@@ -87,4 +87,45 @@ S1_INLINE vec8 exp_nonpositive8(vec8 x) {
   return p * pow2n;
 }
 
+S1_INLINE void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// The eight horizontal sums of v[0..8) as one vector ({sum(v[0]), ..., sum(v[7])}): three rounds
+// of pairwise shuffles and adds instead of eight separate horizontal sums.
+S1_INLINE vec8 hsum8x8(const vec8* v) {
+  vec8 pairs[4], quads[2];
+  for (int i = 0; i < 4; ++i)  // {a01, b01, a23, b23, a45, b45, a67, b67} for a = v[2i], b = v[2i+1]
+    pairs[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+               __builtin_shufflevector(v[2 * i], v[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  for (int i = 0; i < 2; ++i)  // {a0-3, b0-3, c0-3, d0-3, a4-7, b4-7, c4-7, d4-7}
+    quads[i] = __builtin_shufflevector(pairs[2 * i], pairs[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               __builtin_shufflevector(pairs[2 * i], pairs[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(quads[0], quads[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(quads[0], quads[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// One output row's N vectors: acc = acc * corr + sum over t < n of probs[t * prob_stride] * V[t],
+// with V[t] at v + t * slot_stride. N independent chains held in registers.
+template <int N, typename scalar_t>
+S1_INLINE void accumulate_pv(vec8* __restrict acc, float corr, const float* probs, int64_t prob_stride,
+                             const scalar_t* v, int64_t n, int64_t slot_stride) {
+  vec8 a[N];
+  for (int i = 0; i < N; ++i) a[i] = acc[i] * corr;
+  for (int64_t t = 0; t < n; ++t) {
+    const float p = probs[t * prob_stride];
+    for (int i = 0; i < N; ++i) a[i] += p * load8(v + t * slot_stride + 8 * i);
+  }
+  for (int i = 0; i < N; ++i) acc[i] = a[i];
+}
+
+// accumulate_pv over a whole row of `chunks` vectors, in runs of 8, 4, 2 and 1.
+template <typename scalar_t>
+S1_INLINE void accumulate_pv_row(vec8* acc, int64_t chunks, float corr, const float* probs, int64_t prob_stride,
+                                 const scalar_t* v, int64_t n, int64_t slot_stride) {
+  int64_t c = 0;
+  for (; c + 8 <= chunks; c += 8) accumulate_pv<8>(acc + c, corr, probs, prob_stride, v + 8 * c, n, slot_stride);
+  for (; c + 4 <= chunks; c += 4) accumulate_pv<4>(acc + c, corr, probs, prob_stride, v + 8 * c, n, slot_stride);
+  for (; c + 2 <= chunks; c += 2) accumulate_pv<2>(acc + c, corr, probs, prob_stride, v + 8 * c, n, slot_stride);
+  for (; c < chunks; ++c) accumulate_pv<1>(acc + c, corr, probs, prob_stride, v + 8 * c, n, slot_stride);
+}
+
 }  // namespace s1serve

@@ -4,6 +4,8 @@ Cache slots no sequence owns are poisoned with a huge value first: a kernel that
 context length or through the wrong block produces an error far above the tolerance.
 """
 
+import subprocess
+
 import pytest
 import torch
 
@@ -71,6 +73,15 @@ def test_the_cpu_runs_the_compiled_kernels_not_the_reference():
     assert prefill_backend("cpu") == "csrc-cpu"
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"s1serve::{op}", "CPU")
+
+
+def test_the_extension_links_openmp_so_parallel_for_uses_every_thread():
+    """at::parallel_for is header code that splits work with `#pragma omp parallel`: built without
+    -fopenmp, every CPU kernel silently runs on one thread (sessions 1-3 ran that way)."""
+    import server._C
+
+    linked = subprocess.run(["ldd", server._C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libgomp" in linked
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 32])
