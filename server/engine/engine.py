@@ -58,9 +58,10 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self.sequences: dict[str, Sequence] = {}  # unfinished requests by id, for abort
         logger.info(
-            "engine ready: %s on %s/%s, attention %s (prefill %s), %d KV blocks x %d tokens, max_model_len %d, think template %s",
+            "engine ready: %s on %s/%s, attention %s (prefill %s), linear %s, %d KV blocks x %d tokens, max_model_len %d, think template %s",
             self.model_config.model_type, self.runner.device, self.runner.dtype,
-            attention_backend(self.runner.device.type), prefill_backend(self.runner.device.type), self.runner.num_blocks, config.block_size, self.max_model_len,
+            attention_backend(self.runner.device.type), prefill_backend(self.runner.device.type),
+            self.runner.linear_backend, self.runner.num_blocks, config.block_size, self.max_model_len,
             self.think_template.name if self.think_template else None,
         )
 

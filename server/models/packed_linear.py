@@ -1,0 +1,41 @@
+"""fp32 linear layers on the CPU through oneDNN with weights packed once at load.
+
+torch's default CPU GEMM (MKL sgemm) re-packs the weight matrix on every call; at decode batch
+sizes that copy is a fifth of the step (perf: `sgemm_scopy_right16`). oneDNN's linear takes a
+weight reordered once into its blocked layout, which measured 1.2-2x faster per layer from
+batch 1 to 2048 on these CPUs. Results differ from sgemm's only in summation order (~1e-5
+relative), like any change of GEMM kernel or batch size.
+"""
+
+import torch
+from torch import nn
+
+
+def onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(nn.Module):
+    """Drop-in for an fp32 `nn.Linear` at inference; holds only the packed weight (and bias)."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int):
+        super().__init__()
+        self.out_features = linear.out_features
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed_weight, self.bias,
+                                                 "none", [], "")
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def pack_linears(model: nn.Module, batch_hint: int) -> int:
+    """Replaces every fp32 CPU `nn.Linear` in `model` with a `PackedLinear`; returns how many."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32:
+                setattr(parent, name, PackedLinear(child, batch_hint))
+                replaced += 1
+    return replaced
