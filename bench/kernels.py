@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from results_io import save
+
 from server.models.paged_attention import (
     PrefillMetadata,
-    _prefill_sdpa,
     paged_attention_decode,
     paged_attention_decode_reference,
     paged_attention_prefill_reference,
+    prefill_sdpa,
 )
 
 
@@ -107,45 +107,54 @@ def bench_decode(args) -> dict:
 
 
 def bench_prefill(args) -> dict:
-    """Kernel vs per-sequence SDPA, each checked against the reference first."""
+    """Kernel vs per-sequence SDPA on both batch shapes, each checked against the reference first."""
     gen = torch.Generator().manual_seed(1)
+    return {
+        "whole_prompts": bench_prefill_batch(args, gen, chunk=None),
+        "chunks_after_cached_context": bench_prefill_batch(args, gen, chunk=args.chunk),
+    }
+
+
+def bench_prefill_batch(args, gen: torch.Generator, chunk: int | None) -> dict:
     bs, kv_heads, head_dim = args.block_size, args.kv_heads, args.head_dim
     scale = head_dim**-0.5
-    results = {}
-    for name, chunk in (("whole_prompts", None), ("chunks_after_cached_context", args.chunk)):
-        context_lens = torch.randint(16, args.context + 1, (args.prefill_seqs,), generator=gen).tolist()
-        query_lens = context_lens if chunk is None else [min(chunk, n) for n in context_lens]
-        num_blocks = sum(-(-n // bs) for n in context_lens)
-        order = torch.randperm(num_blocks, generator=gen).tolist()
-        tables = [[order.pop() for _ in range(-(-n // bs))] for n in context_lens]
-        meta = PrefillMetadata.build(query_lens, context_lens, tables, torch.device("cpu"))
-        k_cache = torch.randn(num_blocks, bs, kv_heads, head_dim, generator=gen)
-        v_cache = torch.randn(num_blocks, bs, kv_heads, head_dim, generator=gen)
-        query = torch.randn(sum(query_lens), args.heads, head_dim, generator=gen)
-        # The new tokens' K/V, as the model hands them over (already in the cache at their slots).
-        flat = lambda cache: torch.cat([  # noqa: E731
-            cache[t].flatten(0, 1)[n - q : n] for t, n, q in zip(tables, context_lens, query_lens)])
-        key, value = flat(k_cache), flat(v_cache)
+    context_lens = torch.randint(16, args.context + 1, (args.prefill_seqs,), generator=gen).tolist()
+    query_lens = context_lens if chunk is None else [min(chunk, n) for n in context_lens]
+    num_blocks = sum(-(-n // bs) for n in context_lens)
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = [[order.pop() for _ in range(-(-n // bs))] for n in context_lens]
+    meta = PrefillMetadata.build(query_lens, context_lens, tables, torch.device("cpu"))
+    k_cache = torch.randn(num_blocks, bs, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks, bs, kv_heads, head_dim, generator=gen)
+    query = torch.randn(sum(query_lens), args.heads, head_dim, generator=gen)
+    # The new tokens' K/V, as the model hands them over (already in the cache at their slots).
+    key, value = (
+        torch.cat([cache[t].flatten(0, 1)[n - q : n] for t, n, q in zip(tables, context_lens, query_lens)])
+        for cache in (k_cache, v_cache)
+    )
 
-        def kernel():
-            out = torch.empty_like(query)
-            torch.ops.s1serve.paged_attention_prefill(
-                out, query, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.cu_seqlens_k, scale)
-            return out
+    def kernel():
+        out = torch.empty_like(query)
+        torch.ops.s1serve.paged_attention_prefill(
+            out, query, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.cu_seqlens_k, scale)
+        return out
 
-        sdpa = lambda: _prefill_sdpa(query, key, value, k_cache, v_cache, meta, scale)  # noqa: E731
-        want = paged_attention_prefill_reference(query, k_cache, v_cache, meta, scale)
-        torch.testing.assert_close(kernel(), want)
-        torch.testing.assert_close(sdpa(), want)
-        timings = {"csrc_kernel": median_seconds(kernel, args.repeats), "sdpa": median_seconds(sdpa, args.repeats)}
-        results[name] = {
-            "query_tokens": sum(query_lens), "context_tokens": sum(context_lens), "median_seconds": timings,
-            "speedup_vs_sdpa": timings["sdpa"] / timings["csrc_kernel"],
-        }
-        print(f"prefill {name}: {sum(query_lens)} query tokens over {sum(context_lens)} context tokens: "
-              f"kernel {timings['csrc_kernel'] * 1e3:.3f} ms, SDPA {timings['sdpa'] * 1e3:.3f} ms, "
-              f"kernel speed-up {results[name]['speedup_vs_sdpa']:.2f}x")
-    return results
+    def sdpa():
+        return prefill_sdpa(query, key, value, k_cache, v_cache, meta, scale)
+
+    want = paged_attention_prefill_reference(query, k_cache, v_cache, meta, scale)
+    torch.testing.assert_close(kernel(), want)
+    torch.testing.assert_close(sdpa(), want)
+    timings = {"csrc_kernel": median_seconds(kernel, args.repeats), "sdpa": median_seconds(sdpa, args.repeats)}
+    result = {
+        "query_tokens": sum(query_lens), "context_tokens": sum(context_lens), "median_seconds": timings,
+        "speedup_vs_sdpa": timings["sdpa"] / timings["csrc_kernel"],
+    }
+    shape = "whole prompts" if chunk is None else f"{chunk}-token chunks after cached context"
+    print(f"prefill, {shape}: {sum(query_lens)} query tokens over {sum(context_lens)} context tokens: "
+          f"kernel {timings['csrc_kernel'] * 1e3:.3f} ms, SDPA {timings['sdpa'] * 1e3:.3f} ms, "
+          f"kernel speed-up {result['speedup_vs_sdpa']:.2f}x")
+    return result
 
 
 if __name__ == "__main__":

@@ -11,11 +11,6 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from ..models import ModelConfig
-from ..models.paged_attention import attention_backend, prefill_backend
-from .block_manager import BlockManager
-from .config import EngineConfig
-from .detokenizer import Detokenizer
 from ..errors import (
     DuplicateRequestError,
     EmptyPromptError,
@@ -24,6 +19,11 @@ from ..errors import (
     PromptTooLongError,
     RequestNotFoundError,
 )
+from ..models import ModelConfig
+from ..models.paged_attention import attention_backend, prefill_backend
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenizer import Detokenizer
 from .model_runner import ModelRunner, context_len
 from .outputs import StepOutput
 from .params import SamplingParams, ThinkBudget

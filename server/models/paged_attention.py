@@ -3,8 +3,9 @@
 K/V live in a block-structured cache of shape (num_blocks, block_size, num_kv_heads, head_dim)
 per layer; a token's slot is `block * block_size + offset`. `paged_attention_decode` runs the
 csrc/ kernel (`torch.ops.s1serve`) where one is built for the tensors' device and the torch
-reference otherwise (so does `reshape_and_cache`); `attention_backend()` says which, and the
-engine logs it at start.
+reference otherwise (so does `reshape_and_cache`); `attention_backend()` says which.
+`paged_attention_prefill` takes a varlen batch (cu_seqlens) and runs our kernel on the CPU and
+flash-attn or SDPA on CUDA; `prefill_backend()` says which. The engine logs both at start.
 """
 
 import functools
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import server._C  # noqa: F401  (registers torch.ops.s1serve; a missing build is an error, not a fallback)
+import server._C
 
 
 @dataclass
@@ -37,7 +38,7 @@ class PrefillMetadata:
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
               device: torch.device) -> "PrefillMetadata":
         width = max(len(t) for t in block_tables)
-        cu = lambda lens: torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)  # noqa: E731
+        cu = lambda lens: torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
         return cls(
             cu_seqlens_q=cu(query_lens),
             cu_seqlens_k=cu(context_lens),
@@ -167,8 +168,8 @@ def paged_attention_prefill(
         )
         return out
     if backend == "flash-attn" and query.dtype in (torch.float16, torch.bfloat16):  # its only dtypes
-        return _prefill_flash_attn(query, key, value, k_cache, v_cache, meta, scale)
-    return _prefill_sdpa(query, key, value, k_cache, v_cache, meta, scale)
+        return prefill_flash_attn(query, key, value, k_cache, v_cache, meta, scale)
+    return prefill_sdpa(query, key, value, k_cache, v_cache, meta, scale)
 
 
 @functools.cache
@@ -184,7 +185,7 @@ def prefill_backend(device_type: str) -> str:
     return "sdpa"
 
 
-def _prefill_flash_attn(query, key, value, k_cache, v_cache, meta: PrefillMetadata, scale: float) -> torch.Tensor:
+def prefill_flash_attn(query, key, value, k_cache, v_cache, meta: PrefillMetadata, scale: float) -> torch.Tensor:
     """One varlen call for the batch. Chunks with cached context read it through a gather of
     their slots (flash-attn's own paged mode needs blocks of 256 tokens)."""
     from flash_attn import flash_attn_varlen_func
@@ -209,7 +210,7 @@ def gather_context(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PrefillMe
     return k_cache.flatten(0, 1)[slots], v_cache.flatten(0, 1)[slots]
 
 
-def _prefill_sdpa(query, key, value, k_cache, v_cache, meta: PrefillMetadata, scale: float) -> torch.Tensor:
+def prefill_sdpa(query, key, value, k_cache, v_cache, meta: PrefillMetadata, scale: float) -> torch.Tensor:
     """One SDPA call per sequence. A sequence with nothing cached attends to its new K/V directly;
     one with cached context reads the cache with an explicit bottom-right causal mask."""
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]

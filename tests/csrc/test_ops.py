@@ -11,7 +11,6 @@ import torch
 
 from server.models.paged_attention import (
     PrefillMetadata,
-    _prefill_sdpa,
     attention_backend,
     gather_context,
     paged_attention_decode,
@@ -19,6 +18,7 @@ from server.models.paged_attention import (
     paged_attention_prefill,
     paged_attention_prefill_reference,
     prefill_backend,
+    prefill_sdpa,
     reshape_and_cache,
     reshape_and_cache_reference,
 )
@@ -146,7 +146,7 @@ def test_the_sdpa_prefill_path_matches_reference():
     """The path CUDA takes without flash-attn, checked here on the CPU."""
     seed = int(torch.randint(0, 2**31, ()).item())
     query, key, value, k_cache, v_cache, meta = random_prefill_batch([9, 40, 64], [9, 7, 64], 8, 2, 64, 16, seed)
-    got = _prefill_sdpa(query, key, value, k_cache, v_cache, meta, 0.125)
+    got = prefill_sdpa(query, key, value, k_cache, v_cache, meta, 0.125)
     assert relative_error(got, paged_attention_prefill_reference(query, k_cache, v_cache, meta, 0.125)) < 1e-5
 
 

@@ -6,14 +6,14 @@ import torch
 
 from server.engine import SamplingParams
 from server.models.paged_attention import (
-    _prefill_flash_attn,
-    _prefill_sdpa,
     attention_backend,
     paged_attention_decode,
     paged_attention_decode_reference,
     paged_attention_prefill,
     paged_attention_prefill_reference,
     prefill_backend,
+    prefill_flash_attn,
+    prefill_sdpa,
     reshape_and_cache,
     reshape_and_cache_reference,
 )
@@ -71,7 +71,7 @@ def test_prefill_matches_reference_on_cuda(dtype, block_size):
     want = paged_attention_prefill_reference(query.double(), k_cache.double(), v_cache.double(), meta, 128**-0.5)
     got = paged_attention_prefill(query, key, value, k_cache, v_cache, meta, 128**-0.5)
     assert relative_error(got, want) < TOLERANCE[dtype], f"{prefill_backend('cuda')}, seed {seed}"
-    sdpa = _prefill_sdpa(query, key, value, k_cache, v_cache, meta, 128**-0.5)
+    sdpa = prefill_sdpa(query, key, value, k_cache, v_cache, meta, 128**-0.5)
     assert relative_error(sdpa, want) < TOLERANCE[dtype], f"sdpa, seed {seed}"
 
 
@@ -81,7 +81,7 @@ def test_flash_attn_varlen_prefill_matches_reference(dtype):
     assert prefill_backend("cuda") == "flash-attn"
     query, key, value, k_cache, v_cache, meta = cuda_prefill_batch(dtype, 16, seed=4)
     want = paged_attention_prefill_reference(query.double(), k_cache.double(), v_cache.double(), meta, 128**-0.5)
-    got = _prefill_flash_attn(query, key, value, k_cache, v_cache, meta, 128**-0.5)
+    got = prefill_flash_attn(query, key, value, k_cache, v_cache, meta, 128**-0.5)
     assert relative_error(got, want) < TOLERANCE[dtype]
 
 

@@ -4,7 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from server.models.packed_linear import PackedLinear, onednn_linear_available, pack_linears
+from server.models.packed_linear import (
+    PackedLinear,
+    onednn_linear_available,
+    pack_linears,
+)
 
 pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="torch built without oneDNN")
 
