@@ -52,10 +52,10 @@ S1_INLINE void prefill_task(const PrefillShape& s, const scalar_t* q_ptr, const 
   float* qt = reinterpret_cast<float*>(w.qt);
   for (int64_t g = 0; g < s.group; ++g) {
     const int64_t head = kv * s.group + g;
-    std::fill(qt, qt + 16 * s.head_dim, 0.0f);  // rows past the tile stay zero: finite, never stored
+    std::fill(qt, qt + kRows * s.head_dim, 0.0f);  // rows past the tile stay zero: finite, never stored
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* src = q_ptr + ((row0 + r) * s.num_heads + head) * s.head_dim;
-      for (int64_t d = 0; d < s.head_dim; ++d) qt[d * 16 + r] = static_cast<float>(src[d]) * scale;
+      for (int64_t d = 0; d < s.head_dim; ++d) qt[d * kRows + r] = static_cast<float>(src[d]) * scale;
     }
     vec8 max_lo = neg_inf, max_hi = neg_inf, sum_lo{}, sum_hi{};
     for (int64_t i = 0; i < kRows * chunks; ++i) w.acc[i] = vec8{};
@@ -105,11 +105,11 @@ S1_INLINE void prefill_task(const PrefillShape& s, const scalar_t* q_ptr, const 
         sum_lo += p_lo;
         sum_hi += p_hi;
       }
-      const float* probs = reinterpret_cast<const float*>(w.scores);  // [t * 16 + r]
+      const float* probs = reinterpret_cast<const float*>(w.scores);  // [t * kRows + r]
       for (int64_t r = 0; r < rows; ++r) {
         vec8* acc = w.acc + r * chunks;
         const float corr = r < 8 ? corr_lo[r] : corr_hi[r - 8];
-        accumulate_pv_row(acc, chunks, corr, probs + r, 16, v_ptr + base, n, s.slot_stride);
+        accumulate_pv_row(acc, chunks, corr, probs + r, kRows, v_ptr + base, n, s.slot_stride);
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
