@@ -36,19 +36,25 @@ S1_INLINE float hsum(vec8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-// exp(x) for x <= 0 (a score minus the running max), Cephes' expf polynomial after Cody-Waite
-// range reduction: ~1 ulp, branch-free, so loops over it vectorize (std::exp does not).
-S1_INLINE float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
+// e^(x - n ln2) for n = round(x / ln2): Cody-Waite range reduction (ln2 split in two parts) and
+// Cephes' expf polynomial, shared by the scalar and eight-lane exps below; they scale by 2^n.
+template <typename T>
+S1_INLINE T exp_reduced(T x, T n) {
+  const T r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  T p = r * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  return p * r * r + r + 1.0f;
+}
+
+// exp(x) for x <= 0 (a score minus the running max): ~1 ulp, branch-free, so loops over it
+// vectorize (std::exp does not).
+S1_INLINE float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float p = exp_reduced(x, n);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float pow2n;
   std::memcpy(&pow2n, &bits, sizeof(pow2n));
@@ -73,14 +79,7 @@ S1_INLINE vec8 exp_nonpositive8(vec8 x) {
   const vec8 y = x * 1.44269504088896341f + 0.5f;
   vec8 n = __builtin_convertvector(__builtin_convertvector(y, vec8i), vec8);  // truncates toward zero
   n += __builtin_convertvector(n > y, vec8);                                   // -1 where that rounded up: floor
-  const vec8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vec8 p = vec8{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const vec8 p = exp_reduced(x, n);
   const vec8i bits = (__builtin_convertvector(n, vec8i) + 127) << 23;
   vec8 pow2n;
   std::memcpy(&pow2n, &bits, sizeof(pow2n));
