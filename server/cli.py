@@ -280,16 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(args: argparse.Namespace, prog: str) -> int:
+    """Runs a parsed command (`args.func`) with logging set up; our errors become exit code 2."""
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from .errors import S1ServeError
 
     try:
         return args.func(args)
     except S1ServeError as exc:
-        print(f"s1serve: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv), "s1serve")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,8 @@
 `accelerate launch -m trainer` runs on every process): the config file, then flags, then defaults."""
 
 import argparse
-import logging
-import sys
 
-from server.cli import add_config_flags
-from server.errors import S1ServeError
+from server.cli import add_config_flags, run_command
 
 from .config import TrainConfig, load_config_file
 
@@ -38,10 +35,4 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="s1 SFT on trl (TrainConfig fields as flags).")
     parser.add_argument("--log-level", default="INFO")
     add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except S1ServeError as exc:
-        print(f"trainer: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(parser.parse_args(argv), "trainer")
