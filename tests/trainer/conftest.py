@@ -5,8 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import build_tiny_model
-
 S1K_COLUMNS = ["question", "solution", "cot_type", "source_type", "metadata", "cot", "thinking_trajectories", "attempt"]
 
 
@@ -37,8 +35,9 @@ def write_s1k(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def base_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("base-qwen2"), "qwen2")
+def base_model(qwen2_dir) -> Path:
+    """The session's tiny Qwen2 (tests/conftest.py); training only reads it."""
+    return qwen2_dir
 
 
 @pytest.fixture(scope="session")
