@@ -46,9 +46,9 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, model_config, self.device)
         self.block_size = config.block_size
         self.model = load_model(model_dir, self.dtype, self.device)
-        # fp32 on the CPU: oneDNN with weights packed once (see packed_linear.py); else torch's GEMM.
-        packable = self.device.type == "cpu" and self.dtype == torch.float32 and onednn_linear_available()
-        self.linear_backend = "onednn-packed" if packable and pack_linears(self.model, config.max_num_seqs) else "torch"
+        # fp32 on the CPU: oneDNN with weights packed once (pack_linears picks those layers); else torch's GEMM.
+        packed = onednn_linear_available() and pack_linears(self.model, config.max_num_seqs)
+        self.linear_backend = "onednn-packed" if packed else "torch"
         cfg = model_config
         kv_shape = (config.block_size, cfg.num_key_value_heads, cfg.head_dim)
         bytes_per_block = 2 * cfg.num_hidden_layers * kv_shape[0] * kv_shape[1] * kv_shape[2] * self.dtype.itemsize
