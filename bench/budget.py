@@ -12,7 +12,7 @@ vs with `max_think` only (set so it never triggers; the delimiter suppressed in 
 the same tokens computed, in ABBA order, fastest of each. Prints a table, writes raw JSON to bench/results/.
 
     python bench/budget.py                      # the embedded default model
-    python bench/budget.py --model DIR --num-requests 32 --max-tokens 160
+    python bench/budget.py --model DIR --num-requests 32 --max-tokens 200
 """
 
 import argparse
@@ -49,13 +49,16 @@ def s1_loop(llm: LLM, prompts: list[list[int]], max_tokens: int, bias: dict, min
     engine = llm.engine
     think = engine.think_ids
     eos = sorted(engine.eos_token_ids)
+    forced_end = list(think.think_end + think.answer_prefix)
+    # As the engine does: thinking is cut where the forced end and the minimum answer still fit.
+    limit = max_tokens - len(forced_end) - engine.config.min_answer_tokens
     outs = [[] for _ in prompts]
     waits = [0] * len(prompts)
     thinking = list(range(len(prompts)))
     start = time.perf_counter()
     while thinking:  # one round: every request still thinking generates to its delimiter
         params = [
-            SamplingParams(temperature=0, max_tokens=max_tokens - len(outs[i]), logit_bias=bias,
+            SamplingParams(temperature=0, max_tokens=limit - len(outs[i]), logit_bias=bias,
                            stop_token_ids=(think.think_end[0], *eos))
             for i in thinking
         ]
@@ -65,15 +68,18 @@ def s1_loop(llm: LLM, prompts: list[list[int]], max_tokens: int, bias: dict, min
             tokens = res.token_ids
             stopped = res.finish_reason == "stop"
             outs[i] += tokens[:-1] if stopped else tokens
-            if not stopped or len(outs[i]) >= max_tokens:
-                continue
-            if len(outs[i]) < min_think and waits[i] < WAITS:
-                outs[i] += list(think.wait)[: max_tokens - len(outs[i])]
+            if not stopped:  # the think limit: force the end
+                outs[i] += forced_end
+            elif len(outs[i]) < min_think and waits[i] < WAITS:
+                outs[i] += list(think.wait)[: limit - len(outs[i])]
                 waits[i] += 1
-                still.append(i)
+                if len(outs[i]) < limit:
+                    still.append(i)
+                else:
+                    outs[i] += forced_end
             else:  # the model ended thinking (delimiter or EOS): complete the delimiter, then answer
-                outs[i] += list(think.think_end)[: max_tokens - len(outs[i])]
-        thinking = [i for i in still if len(outs[i]) < max_tokens]
+                outs[i] += list(think.think_end)
+        thinking = still
     answering = [i for i in range(len(prompts)) if len(outs[i]) < max_tokens]
     if answering:  # the answer phase: one more request each
         params = [SamplingParams(temperature=0, max_tokens=max_tokens - len(outs[i]), logit_bias=bias) for i in answering]
@@ -84,10 +90,13 @@ def s1_loop(llm: LLM, prompts: list[list[int]], max_tokens: int, bias: dict, min
 
 
 def overhead(llm: LLM, prompts: list[list[int]], max_tokens: int, delimiter: int, repeats: int = 2) -> dict:
-    """Identical work with and without a (never-triggering) budget, run in ABBA order `repeats`
-    times and the fastest of each kept: on these machines the order alone moves a run by 10%."""
+    """The same number of tokens with and without a budget (max_think where the answer's minimum
+    room begins, so it triggers once, at the end), run in ABBA order `repeats` times and the
+    fastest of each kept: on these machines the order alone moves a run by 10%."""
+    think = llm.engine.think_ids
     sampling = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logit_bias={delimiter: -100.0})
-    cases = {"no_budget": None, "max_think_only": ThinkBudget(max_think=max_tokens)}
+    max_think = max_tokens - len(think.think_end + think.answer_prefix) - llm.engine.config.min_answer_tokens
+    cases = {"no_budget": None, "max_think_only": ThinkBudget(max_think=max_think)}
     times: dict[str, list[float]] = {name: [] for name in cases}
     tokens = {}
     for i in range(repeats):
@@ -104,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--num-requests", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--min-think", type=int, default=150, help="high enough that all 4 Waits are needed")
     parser.add_argument("--bias", type=float, default=0.0, help="logit bias on the delimiter's first token")
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
@@ -115,8 +124,7 @@ def main() -> None:
     for caching in (False, True):
         llms[caching] = LLM(model_dir, enable_prefix_caching=caching)
     engine = llms[False].engine
-    prompts = [engine.tokenizer(engine.render_chat([{"role": "user", "content": q}])).input_ids
-               for q in questions(args.num_requests)]
+    prompts = [engine.render_chat([{"role": "user", "content": q}]) for q in questions(args.num_requests)]
     bias = {engine.think_ids.think_end[0]: args.bias} if args.bias else {}
     for llm in llms.values():
         llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=4))  # warm-up

@@ -53,9 +53,13 @@ class EngineBackend:
         return [Reply(content=self._attempt(o.answer_text), reasoning=o.think_text) for o in outputs]
 
     def _attempt(self, answer_text: str) -> str:
-        """The answer without the template's answer prefix ("Answer:"), which the trainer renders itself."""
-        text, prefix = answer_text.strip(), self.llm.engine.think_template.answer_prefix.strip()
-        return text[len(prefix):].strip() if prefix and text.startswith(prefix) else text
+        """The answer without the prefix forced at the cut ("Final Answer:") or the one a trained
+        model writes ("Answer:"): the trainer renders its own."""
+        text, template = answer_text.strip(), self.llm.engine.think_template
+        for prefix in (template.answer_prefix.strip(), template.reply_prefix.strip()):
+            if prefix and text.startswith(prefix):
+                return text[len(prefix):].strip()
+        return text
 
 
 class EndpointBackend:
@@ -73,7 +77,9 @@ class EndpointBackend:
         self.concurrency, self.retries, self.timeout_s = concurrency, retries, timeout_s
 
     def _one(self, messages: Messages) -> Reply:
-        body = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens, "temperature": 0.0}
+        # max_tokens counts thinking too (OpenAI, vLLM, s1serve): the answer's room comes on top of the budget.
+        body = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens + (self.max_think or 0),
+                "temperature": 0.0}
         for name in ("max_think", "min_think"):  # s1serve's budget fields; other servers ignore them
             if getattr(self, name):
                 body[name] = getattr(self, name)

@@ -23,7 +23,7 @@ def test_user_errors_exit_2_with_a_message(llama_dir, capsys):
 
 
 def test_generate_with_a_budget_shows_the_phases_apart(llama_dir, capsys):
-    code = main(["generate", "2+2?", "--model", str(llama_dir), "--max-think", "5", "--max-tokens", "12",
+    code = main(["generate", "2+2?", "--model", str(llama_dir), "--max-think", "5", "--max-tokens", "48",
                  "--num-kv-blocks", "32"])
     assert code == 0
     out, err = capsys.readouterr()
@@ -41,7 +41,7 @@ def test_phase_printer_marks_inserted_waits(llama_dir):
 
     engine = LLMEngine(llama_dir, EngineConfig(num_kv_blocks=32))
     delimiter = engine.think_ids.think_end[0]
-    engine.add_request("r", "2+2?", SamplingParams(temperature=0, max_tokens=12, logit_bias={delimiter: 100}),
+    engine.add_request("r", "2+2?", SamplingParams(temperature=0, max_tokens=48, logit_bias={delimiter: 100}),
                        ThinkBudget(min_think=2, max_waits=5))
     buffer = io.StringIO()
     printer = PhasePrinter(buffer)

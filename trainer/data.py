@@ -1,10 +1,11 @@
 """s1K-schema data -> token ids with a completion mask, the way the server will see them.
 
-A sample becomes the chat prompt (system + question, rendered by the model's chat template and
-opened for the assistant: no loss) followed by the assistant turn the server's ThinkTemplate
-describes (think opener, trajectory, delimiter, answer prefix, attempt, end of turn: loss).
-Tokenizing the two parts separately and concatenating is exact because the assistant turn starts
-with a special token (`<|im_start|>` or `<think>`), where no BPE merge crosses.
+A sample becomes the chat prompt (system + question, tokenized by the model's chat template and
+opened for the assistant exactly as the server does it: no loss) followed by the assistant turn the
+server's ThinkTemplate describes (think opener unless the template's generation prompt already
+opens thinking, trajectory, delimiter, answer prefix, attempt, end of turn: loss). Tokenizing the
+two parts separately and concatenating is exact because the assistant turn starts at a special
+token (`<|im_start|>`, `<think>`) or right after one, where no BPE merge crosses.
 """
 
 import logging
@@ -12,7 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataset_builder.io import load_table
-from server.engine.think import THINK_TEMPLATES, ThinkTemplate, assistant_turn_end, chat_prompt, require_representable
+from server.engine.detokenizer import decode_known
+from server.engine.think import (
+    THINK_TEMPLATES,
+    ThinkTemplate,
+    assistant_turn_end,
+    chat_prompt_ids,
+    require_representable,
+    think_opener,
+)
 from server.errors import DataError, InvalidConfigError, InvalidRequestError
 
 from .config import TrainConfig
@@ -64,17 +73,18 @@ class SampleRenderer:
     trajectory_field: str
     attempt_field: str
 
-    def texts(self, sample: dict) -> tuple[str, str]:
-        """(prompt, completion) text of one sample."""
+    def texts(self, sample: dict) -> tuple[list[int], str]:
+        """The prompt's token ids (what the server feeds for the same messages) and the completion text."""
         messages = [{"role": "user", "content": sample["question"]}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
-        reply = self.template.reply(first_trajectory(sample[self.trajectory_field]).strip(), sample[self.attempt_field].strip())
-        return chat_prompt(self.tokenizer, messages), reply + self.turn_end
+        prompt_ids = chat_prompt_ids(self.tokenizer, messages)
+        opened = think_opener(self.template, decode_known(self.tokenizer, prompt_ids, skip_special_tokens=False)) == ""
+        thinking, attempt = first_trajectory(sample[self.trajectory_field]).strip(), sample[self.attempt_field].strip()
+        return prompt_ids, self.template.reply(thinking, attempt, opened=opened) + self.turn_end
 
     def __call__(self, sample: dict) -> dict:
-        prompt, completion = self.texts(sample)
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        prompt_ids, completion = self.texts(sample)
         completion_ids = self.tokenizer(completion, add_special_tokens=False).input_ids
         return {
             "input_ids": prompt_ids + completion_ids,

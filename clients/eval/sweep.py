@@ -28,7 +28,7 @@ class SweepConfig:
     samples: int = 1
     temperature: float = 0.0
     seed: int = 0
-    answer_tokens: int = 512  # generation room after thinking
+    answer_tokens: int = 512  # generation room after thinking (the forced end included)
     rejection_tries: int = 0  # > 0: also run length rejection sampling with up to this many tries
     concurrency: int = 16
 

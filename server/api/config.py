@@ -12,6 +12,13 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM files; both or neither
     tls_key: str | None = None
     max_waiting_requests: int = 256  # past this, RESOURCE_EXHAUSTED / 429
-    default_max_tokens: int = 1024
+    # OpenAI's reasoning_effort, mapped to max_think (a request's own max_think wins).
+    reasoning_effort_low: int = 256
+    reasoning_effort_medium: int = 1024
+    reasoning_effort_high: int = 4096
     drain_timeout_s: float = 30.0
     served_model_name: str | None = None  # default: the model directory's name
+
+    @property
+    def reasoning_efforts(self) -> dict[str, int]:
+        return {"low": self.reasoning_effort_low, "medium": self.reasoning_effort_medium, "high": self.reasoning_effort_high}

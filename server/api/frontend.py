@@ -49,12 +49,12 @@ def _float_field(name: str, value) -> float:
 
 
 class Frontend:
-    def __init__(self, llm: AsyncLLM, model_name: str, max_waiting: int = 256, default_max_tokens: int = 1024,
-                 feedback_memory: int = 100_000):
+    def __init__(self, llm: AsyncLLM, model_name: str, max_waiting: int = 256,
+                 reasoning_efforts: dict[str, int] | None = None, feedback_memory: int = 100_000):
         self.llm = llm
         self.model_name = model_name
         self.max_waiting = max_waiting
-        self.default_max_tokens = default_max_tokens
+        self.reasoning_efforts = reasoning_efforts or {}  # OpenAI's reasoning_effort -> max_think
         self.metrics = Metrics(model_name)
         self._ids = itertools.count()
         # request id -> think tokens of finished requests, for feedback bucketing (bounded)
@@ -65,13 +65,17 @@ class Frontend:
     def parse(
         self, *, request_id: str = "", prompt: Prompt | None = None, messages: list[dict] | None = None,
         temperature=None, top_p=None, top_k=None, seed=None, max_tokens=None, stop=None,
-        budget: dict | None = None,
+        budget: dict | None = None, chat_template_kwargs: dict | None = None, reasoning_effort: str | None = None,
     ) -> ParsedRequest:
         """Turn API fields into engine parameters; raises InvalidRequestError naming the field."""
         if prompt is not None and messages is not None:
             raise InvalidRequestError("prompt", "give either prompt or messages, not both")
+        if chat_template_kwargs is not None and messages is None:
+            raise InvalidRequestError("chat_template_kwargs", "applies to messages only")
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise InvalidRequestError("chat_template_kwargs", "must be an object")
         if messages is not None:
-            prompt = self.llm.engine.render_chat(self._check_messages(messages))
+            prompt = self.llm.engine.render_chat(self._check_messages(messages), chat_template_kwargs)
         if prompt is None:
             raise InvalidRequestError("prompt", "is required (or messages)")
         if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
@@ -85,21 +89,30 @@ class Frontend:
             kwargs["top_k"] = _int_field("top_k", top_k)
         if seed is not None:
             kwargs["seed"] = _int_field("seed", seed)
-        kwargs["max_tokens"] = _int_field("max_tokens", max_tokens, 1) if max_tokens is not None else self.default_max_tokens
+        if max_tokens is not None:
+            kwargs["max_tokens"] = _int_field("max_tokens", max_tokens, 1)
         if stop is not None:
             stop = [stop] if isinstance(stop, str) else stop
             if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
                 raise InvalidRequestError("stop", "must be a string or a list of strings")
             kwargs["stop"] = tuple(stop)
         sampling = SamplingParams(**kwargs)
+        if reasoning_effort:
+            if reasoning_effort not in self.reasoning_efforts:
+                raise InvalidRequestError("reasoning_effort", f"must be one of {', '.join(self.reasoning_efforts)}, got {reasoning_effort!r}")
+            budget = dict(budget or {})
+            budget["max_think"] = budget.get("max_think") or self.reasoning_efforts[reasoning_effort]
         think = None
         if budget is not None:
             values = {k: _int_field(k, budget.get(k) or 0) for k in ("min_think", "max_think", "max_waits")}
-            wait = budget.get("wait_string") or None
-            if wait is not None and not isinstance(wait, str):
-                raise InvalidRequestError("wait_string", "must be a string")
+            strings = {}
+            for name, key, empty_is_unset in (("wait_string", "wait", True), ("answer_prefix", "answer_prefix", False)):
+                value = budget.get(name)
+                if value is not None and not isinstance(value, str):
+                    raise InvalidRequestError(name, "must be a string")
+                strings[key] = (value or None) if empty_is_unset else value
             try:
-                think = ThinkBudget(**{k: v or None for k, v in values.items()}, wait=wait)
+                think = ThinkBudget(**{k: v or None for k, v in values.items()}, **strings)
             except InvalidRequestError as exc:
                 raise _renamed(exc) from None
         if request_id and not isinstance(request_id, str):

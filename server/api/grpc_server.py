@@ -2,6 +2,7 @@
 (NOT_SERVING until the model is loaded and warmed), server reflection and optional API-key auth."""
 
 import grpc
+from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -52,6 +53,9 @@ def _parse(frontend: Frontend, request: pb.GenerateRequest):
         max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
         stop=list(s.stop) or None,
     )
+    if request.HasField("chat_template_kwargs"):
+        kwargs["chat_template_kwargs"] = json_format.MessageToDict(request.chat_template_kwargs)
+    kwargs["reasoning_effort"] = request.reasoning_effort or None
     which = request.WhichOneof("input")
     if which == "prompt":
         kwargs["prompt"] = request.prompt
@@ -60,7 +64,8 @@ def _parse(frontend: Frontend, request: pb.GenerateRequest):
     if request.HasField("budget"):
         b = request.budget
         kwargs["budget"] = dict(min_think=b.min_think, max_think=b.max_think, max_waits=b.max_waits,
-                                wait_string=b.wait_string)
+                                wait_string=b.wait_string,
+                                answer_prefix=b.answer_prefix if b.HasField("answer_prefix") else None)
     return frontend.parse(**kwargs)
 
 
@@ -86,17 +91,19 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request, context):
         usage = StreamUsage()
         parts = {"text": [], "think": [], "answer": []}
+        forced = []
         try:
             req = _parse(self.frontend, request)
             async for delta in self.frontend.stream(req, usage):
                 parts["text"].append(delta.new_text)
                 parts["think"].append(delta.think_text)
                 parts["answer"].append(delta.answer_text)
+                forced += delta.forced
         except S1ServeError as exc:
             await _abort_with(context, exc)
         return pb.GenerateResponse(
             request_id=req.request_id, text="".join(parts["text"]), think_text="".join(parts["think"]),
-            answer_text="".join(parts["answer"]), token_ids=usage.token_ids, usage=_usage(usage),
+            answer_text="".join(parts["answer"]), token_ids=usage.token_ids, usage=_usage(usage), forced=forced,
         )
 
     async def GenerateStream(self, request, context):
@@ -107,7 +114,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 deltas = [pb.TextDelta(phase=p, text=t)
                           for p, t in ((pb.PHASE_THINK, delta.think_text), (pb.PHASE_ANSWER, delta.answer_text)) if t]
                 message = pb.GenerateStreamResponse(
-                    request_id=req.request_id, deltas=deltas, token_ids=delta.new_token_ids,
+                    request_id=req.request_id, deltas=deltas, token_ids=delta.new_token_ids, forced=delta.forced,
                     events=[EVENTS[e] for e in delta.events], phase=PHASES[delta.phase],
                 )
                 if delta.finished:
@@ -136,7 +143,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         info = pb.ModelInfo(
             model=self.frontend.model_name, model_type=engine.model_config.model_type,
             max_model_len=engine.max_model_len, max_num_seqs=engine.config.max_num_seqs,
-            max_waiting_requests=self.frontend.max_waiting, default_max_tokens=self.frontend.default_max_tokens,
+            max_waiting_requests=self.frontend.max_waiting, default_max_tokens=engine.config.default_max_tokens,
+            min_answer_tokens=engine.config.min_answer_tokens,
         )
         if engine.think_template:
             t = engine.think_template

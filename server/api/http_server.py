@@ -2,9 +2,11 @@
 
 `POST /v1/completions`, `POST /v1/chat/completions` (SSE with `"stream": true`), `GET /v1/models`,
 `POST /v1/feedback`, `GET /health`, `GET /metrics`. Budgets are extra body fields (`min_think`,
-`max_think`, `max_waits`, `wait_string`; any of them turns budget forcing on); the thinking comes
-back as `reasoning_content` and its length as `usage.completion_tokens_details.reasoning_tokens`,
-as vLLM's reasoning outputs do, so the official `openai` SDK works unchanged (`extra_body`).
+`max_think`, `max_waits`, `wait_string`, `answer_prefix`; any of them, or OpenAI's
+`reasoning_effort`, turns budget forcing on); the thinking comes back as both `reasoning_content`
+(DeepSeek, older vLLM) and `reasoning` (current vLLM), a streamed chunk carrying one or the other,
+never both, and its length as `usage.completion_tokens_details.reasoning_tokens`, so the official
+`openai` SDK works unchanged (`extra_body`). `chat_template_kwargs` reach the chat template.
 """
 
 import json
@@ -18,10 +20,10 @@ from ..errors import InvalidRequestError, OverloadedError, RequestNotFoundError,
 from .frontend import Frontend, StreamUsage
 from .usage import Usage
 
-BUDGET_FIELDS = ("min_think", "max_think", "max_waits", "wait_string")
+BUDGET_FIELDS = ("min_think", "max_think", "max_waits", "wait_string", "answer_prefix")
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop")
 KNOWN = {"model", "prompt", "messages", "stream", "stream_options", "n", "user", "request_id",
-         *SAMPLING_FIELDS, *BUDGET_FIELDS, "max_completion_tokens"}
+         *SAMPLING_FIELDS, *BUDGET_FIELDS, "max_completion_tokens", "chat_template_kwargs", "reasoning_effort"}
 OPEN_PATHS = ("/health", "/metrics")
 
 
@@ -109,13 +111,15 @@ class HttpFront:
             sampling["max_tokens"] = body["max_completion_tokens"]
         budget = {k: body[k] for k in BUDGET_FIELDS if k in body}
         request_id = body.get("request_id") or f"{prefix}-{uuid.uuid4().hex[:24]}"
+        common = dict(request_id=request_id, budget=budget or None, reasoning_effort=body.get("reasoning_effort"),
+                      chat_template_kwargs=body.get("chat_template_kwargs"), **sampling)
         if kind == "chat":
             if "messages" not in body:
                 raise InvalidRequestError("messages", "is required")
-            return self.frontend.parse(request_id=request_id, messages=body["messages"], budget=budget or None, **sampling)
+            return self.frontend.parse(messages=body["messages"], **common)
         if "prompt" not in body:
             raise InvalidRequestError("prompt", "is required")
-        return self.frontend.parse(request_id=request_id, prompt=body["prompt"], budget=budget or None, **sampling)
+        return self.frontend.parse(prompt=body["prompt"], **common)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "text_completion")
@@ -141,11 +145,11 @@ class HttpFront:
             content = "".join(answer) if budgeted else "".join(text)
             reasoning = "".join(think) if budgeted else None
             if chat:
-                message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+                message = {"role": "assistant", "content": content, "reasoning_content": reasoning, "reasoning": reasoning}
                 choice = {"index": 0, "message": message, "finish_reason": usage.finish_reason}
             else:
-                choice = {"index": 0, "text": content, "reasoning_content": reasoning, "logprobs": None,
-                          "finish_reason": usage.finish_reason}
+                choice = {"index": 0, "text": content, "reasoning_content": reasoning, "reasoning": reasoning,
+                          "logprobs": None, "finish_reason": usage.finish_reason}
             return web.json_response({"id": req.request_id, "object": obj, "created": created, "model": model,
                                       "choices": [choice], "usage": usage_json(usage)})
 
@@ -176,18 +180,23 @@ class HttpFront:
 
         if chat:
             await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        async def send_text(reasoning: str, content: str, finish: str | None) -> None:
+            if chat:
+                delta = {"reasoning_content": reasoning, "reasoning": reasoning} if reasoning else {"content": content}
+                await send({"index": 0, "delta": delta if reasoning or content else {}, "finish_reason": finish})
+            else:
+                await send({"index": 0, "text": content, "reasoning_content": reasoning or None,
+                            "reasoning": reasoning or None, "logprobs": None, "finish_reason": finish})
+
         async for d in deltas():
             content = d.answer_text if budgeted else d.new_text
             reasoning = d.think_text if budgeted else ""
             finish = d.finish_reason if d.finished else None
-            if not (content or reasoning or finish):
-                continue
-            if chat:
-                delta = {k: v for k, v in (("content", content), ("reasoning_content", reasoning)) if v}
-                await send({"index": 0, "delta": delta, "finish_reason": finish})
-            else:
-                await send({"index": 0, "text": content, "reasoning_content": reasoning or None, "logprobs": None,
-                            "finish_reason": finish})
+            # A chunk carries reasoning or content, never both (a step may span the phase change).
+            if reasoning:
+                await send_text(reasoning, "", None if content else finish)
+            if content or (finish and not reasoning):
+                await send_text("", content, finish)
         if include_usage:
             await send({}, with_usage=True)
         await response.write(b"data: [DONE]\n\n")

@@ -33,7 +33,7 @@ class S1Server:
         cfg = self.config
         self.llm = AsyncLLM(self.model_dir, **self.engine_config)
         name = cfg.served_model_name or Path(self.model_dir).name
-        self.frontend = Frontend(self.llm, name, cfg.max_waiting_requests, cfg.default_max_tokens)
+        self.frontend = Frontend(self.llm, name, cfg.max_waiting_requests, cfg.reasoning_efforts)
         tls = None
         if cfg.tls_cert or cfg.tls_key:
             tls = (Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())

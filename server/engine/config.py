@@ -18,10 +18,12 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto = float32 on CPU, the checkpoint's on CUDA
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # seeds requests that carry no seed of their own
-    think_template: str | ThinkTemplate = "auto"  # s1 | r1 | auto (from the tokenizer) | a ThinkTemplate
+    think_template: str | ThinkTemplate = "auto"  # s1 | r1 | qwen3 | auto (from the tokenizer) | a ThinkTemplate
+    default_max_tokens: int = 1024  # a request's max_tokens when it sets none (a budgeted one: its answer's room)
+    min_answer_tokens: int = 16  # a budgeted request is refused unless its answer can have this many tokens
 
     def __post_init__(self):
-        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "default_max_tokens", "min_answer_tokens")
         for name in positive:
             if getattr(self, name) < 1:
                 raise InvalidConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

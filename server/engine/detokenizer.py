@@ -6,37 +6,36 @@ Token ids the tokenizer does not know (models whose embedding has more rows than
 can emit them) decode to nothing instead of crashing.
 """
 
-from .sequence import Sequence
-
 # Tokens of prompt context decoded with the first output tokens, so a leading-space marker
 # ("▁" in SentencePiece) is rendered the way it is inside a longer text.
 CONTEXT_TOKENS = 5
 
 
-class Detokenizer:
-    def __init__(self, tokenizer):
+def decode_known(tokenizer, token_ids, skip_special_tokens: bool = True) -> str:
+    """`tokenizer.decode` of the ids the tokenizer knows; unknown ids decode to nothing."""
+    size = len(tokenizer)
+    return tokenizer.decode([t for t in token_ids if 0 <= t < size], skip_special_tokens=skip_special_tokens)
+
+
+class IncrementalDetokenizer:
+    """One request's output tokens turned into text step by step (special tokens skipped)."""
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int]):
         self.tokenizer = tokenizer
-        self.vocab_size = len(tokenizer)
+        self.token_ids = list(prompt_token_ids[-CONTEXT_TOKENS:])  # context, then every output token
+        self.prefix_offset = 0
+        self.read_offset = len(self.token_ids)
 
-    def _decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
-        known = [t for t in token_ids if 0 <= t < self.vocab_size]
-        return self.tokenizer.decode(known, skip_special_tokens=skip_special_tokens)
-
-    def start(self, seq: Sequence) -> None:
-        seq.read_offset = seq.num_prompt_tokens
-        seq.prefix_offset = max(seq.num_prompt_tokens - CONTEXT_TOKENS, 0)
-
-    def step(self, seq: Sequence, skip_special_tokens: bool = True, final: bool = False) -> str:
-        """Append the text of newly added tokens to `seq.text` and return it ('' if still pending).
+    def add(self, token_ids, final: bool = False) -> str:
+        """The text that `token_ids` (appended now) add, '' while a character is incomplete.
 
         `final` flushes an incomplete character as U+FFFD, as a full decode of the tokens would.
         """
-        ids = seq.token_ids
-        prefix_text = self._decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens)
-        new_text = self._decode(ids[seq.prefix_offset :], skip_special_tokens)
+        self.token_ids += token_ids
+        ids = self.token_ids
+        prefix_text = decode_known(self.tokenizer, ids[self.prefix_offset : self.read_offset])
+        new_text = decode_known(self.tokenizer, ids[self.prefix_offset :])
         if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
             return ""  # nothing printable yet, or a multi-byte character is still incomplete
-        delta = new_text[len(prefix_text) :]
-        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-        seq.text += delta
-        return delta
+        self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        return new_text[len(prefix_text) :]

@@ -1,5 +1,9 @@
 """The engine loop: `step()` = schedule -> run -> postprocess, nothing else.
 
+Three sides: the input side (`make_sequence`: validate, tokenize, open thinking, plan the budget),
+the core (schedule, run, force budgets, EOS / stop ids / length) and the output side
+(`OutputProcessor`: text by phase, stop strings, deltas).
+
 `LLMEngine` is synchronous and single-threaded; `LLM` drives it to completion for offline use and
 `AsyncLLM` runs it on a thread for the network fronts. Requests are validated completely in
 `make_sequence` before they touch the scheduler, so a bad one never disturbs the batch.
@@ -23,13 +27,23 @@ from ..models import ModelConfig
 from ..models.paged_attention import attention_backend, prefill_backend
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .detokenizer import Detokenizer
+from .detokenizer import decode_known
 from .model_runner import ModelRunner, context_len
+from .output_processor import OutputProcessor
 from .outputs import StepOutput
 from .params import SamplingParams, ThinkBudget
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import FinishReason, Sequence
-from .think import Phase, ThinkState, ThinkTokens, chat_prompt, resolve_think_template
+from .think import (
+    Phase,
+    Segment,
+    ThinkState,
+    ThinkTokens,
+    chat_prompt_ids,
+    encode_plain,
+    resolve_think_template,
+    think_opener,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +59,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model_dir, config, self.model_config)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.detokenizer = Detokenizer(self.tokenizer)
+        self.output = OutputProcessor(self.tokenizer)
         context = context_len(config, self.model_config)
         pool = self.runner.num_blocks * config.block_size
         self.max_model_len = min(context, pool)
@@ -53,7 +67,7 @@ class LLMEngine:
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        self.think_template = resolve_think_template(config.think_template, self.tokenizer)
+        self.think_template = resolve_think_template(config.think_template, self.tokenizer, self.model_config.model_type)
         self.think_ids = ThinkTokens.from_template(self.think_template, self.tokenizer) if self.think_template else None
         self._rng = random.Random(config.seed)
         self.sequences: dict[str, Sequence] = {}  # unfinished requests by id, for abort
@@ -66,10 +80,10 @@ class LLMEngine:
         )
 
     # ---- requests -------------------------------------------------------------------------------
-    def render_chat(self, messages: list[dict]) -> str:
-        """A chat request as prompt text: the model's chat template, opened for the assistant, plus
-        the think opener when the model has a think template."""
-        return chat_prompt(self.tokenizer, messages) + (self.think_template.think_start if self.think_template else "")
+    def render_chat(self, messages: list[dict], template_kwargs: dict | None = None) -> list[int]:
+        """A chat request as the model's own chat template tokenizes it, opened for the assistant.
+        The think opener is not added here: `make_sequence` adds it to budgeted requests only."""
+        return chat_prompt_ids(self.tokenizer, messages, template_kwargs)
 
     def make_sequence(
         self, request_id: str, prompt: Prompt, sampling: SamplingParams, budget: ThinkBudget | None = None
@@ -81,65 +95,97 @@ class LLMEngine:
             raise InvalidRequestError("budget", f"expected ThinkBudget or None, got {type(budget).__name__}")
         if budget is not None and self.think_ids is None:
             raise InvalidRequestError("budget", "this model has no think template; start the engine with think_template=")
-        vocab = self.model_config.vocab_size
-        if isinstance(prompt, str):
-            if budget is not None:
-                prompt = self._open_thinking(prompt)
-            token_ids = self.tokenizer(prompt).input_ids if prompt else []
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            token_ids = list(prompt)
-            bad = [t for t in token_ids if not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequestError("prompt", f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
-        else:
-            raise InvalidRequestError("prompt", "must be a string or a list of token ids")
-        if not token_ids:
-            raise EmptyPromptError()
-        if budget is not None and not isinstance(prompt, str):
-            start = list(self.think_ids.think_start)
-            if token_ids[-len(start) :] != start:
-                token_ids += start
-        think = self._think_state(budget, len(token_ids)) if budget is not None else None
+        token_ids, thinking = self._tokenize(prompt, budget is not None)
         if len(token_ids) >= self.max_model_len:
             raise PromptTooLongError(len(token_ids), self.max_model_len - 1, self._length_limit)
+        vocab = self.model_config.vocab_size
         for name in ("stop_token_ids", "logit_bias"):
             ids = [t for t in getattr(sampling, name) if t >= vocab]
             if ids:
                 raise InvalidSamplingParamError(name, f"token id {ids[0]} is outside the model's vocabulary [0, {vocab})")
+        if budget is None:
+            think, max_tokens = None, sampling.max_tokens or self.config.default_max_tokens
+        else:
+            think, max_tokens = self._plan_budget(budget, sampling, len(token_ids), thinking)
         seed = sampling.seed if sampling.seed is not None else self._rng.getrandbits(63)
-        seq = Sequence(request_id, token_ids, sampling, seed, think=think)
-        self.detokenizer.start(seq)
-        return seq
+        return Sequence(request_id, token_ids, sampling, seed, think=think, max_tokens=max_tokens)
 
-    def _open_thinking(self, prompt: str) -> str:
-        """Budgeted generation starts in the think phase: append the think opener if missing
-        (or only its trailing whitespace, for prompts written like the s1 repository's)."""
-        start = self.think_template.think_start
-        if prompt.endswith(start):
-            return prompt
-        if prompt.endswith(start.rstrip()):
-            return prompt + start[len(start.rstrip()) :]
-        return prompt + start
+    def _tokenize(self, prompt: Prompt, budgeted: bool) -> tuple[list[int], bool]:
+        """The prompt's token ids, with the think opener appended when a budgeted prompt does not
+        open thinking itself (think.think_opener), and whether generation starts in the think phase."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise EmptyPromptError()
+            opener = think_opener(self.think_template, prompt) if budgeted else ""
+            return self.tokenizer(prompt + (opener or "")).input_ids, opener is not None
+        if not (isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt)):
+            raise InvalidRequestError("prompt", "must be a string or a list of token ids")
+        if not prompt:
+            raise EmptyPromptError()
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError("prompt", f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
+        if not budgeted:
+            return list(prompt), False
+        opener = think_opener(self.think_template, decode_known(self.tokenizer, prompt, skip_special_tokens=False))
+        return list(prompt) + list(encode_plain(self.tokenizer, opener or "")), opener is not None
 
-    def _think_state(self, budget: ThinkBudget, num_prompt_tokens: int) -> ThinkState:
-        wait = self.think_ids.wait
+    def _plan_budget(
+        self, budget: ThinkBudget, sampling: SamplingParams, num_prompt_tokens: int, thinking: bool
+    ) -> tuple[ThinkState, int]:
+        """Where thinking is cut and how many tokens the request may generate, so that a budgeted
+        request always reaches an answer phase with `min_answer_tokens` of room, or is refused
+        here naming the field. `max_tokens` counts thinking, forced and answer tokens (as OpenAI and
+        vLLM do); unset, it is the think limit + the forced end + `default_max_tokens` for the answer."""
+        cfg, t = self.config, self.think_ids
+        wait = t.wait
         if budget.wait is not None:
-            wait = tuple(self.tokenizer.encode(budget.wait, add_special_tokens=False))
+            wait = encode_plain(self.tokenizer, budget.wait)
             if not wait:
                 raise InvalidRequestError("wait", f"{budget.wait!r} tokenizes to nothing")
-            if wait[0] == self.think_ids.think_end[0]:
+            if wait[0] == t.think_end[0]:
                 raise InvalidRequestError("wait", "must not start with the think_end delimiter")
-        room = self.max_model_len - num_prompt_tokens - len(self.think_ids.think_end) - len(self.think_ids.answer_prefix)
-        if budget.max_think and budget.max_think > room:
+        answer_prefix = t.answer_prefix if budget.answer_prefix is None else encode_plain(self.tokenizer, budget.answer_prefix)
+        if not thinking:
+            if budget.min_think:
+                raise InvalidRequestError("min_think", "the prompt already closes thinking (e.g. enable_thinking=false): there is no thinking to extend")
+            state = ThinkState(budget, t.think_end, wait, answer_prefix, think_limit=0, phase=Phase.ANSWER)
+            return state, sampling.max_tokens or cfg.default_max_tokens
+        forced = len(t.think_end) + len(answer_prefix)
+        reserve = forced + cfg.min_answer_tokens
+        need = f"the forced end ({forced} tokens) and at least {cfg.min_answer_tokens} answer tokens"
+        room = self.max_model_len - num_prompt_tokens
+        if budget.max_think and budget.max_think > room - reserve:
             raise InvalidRequestError(
-                "max_think", f"{budget.max_think} does not fit in the context: at most {max(room, 0)} for this prompt"
+                "max_think", f"{budget.max_think} does not fit in the context with {need}: at most {max(room - reserve, 0)} for this prompt"
             )
-        return ThinkState(budget, self.think_ids, wait)
+        if sampling.max_tokens is None:
+            limit = min(budget.max_think or cfg.default_max_tokens, room - reserve)
+            max_tokens = limit + forced + cfg.default_max_tokens
+        else:
+            max_tokens = sampling.max_tokens
+            if budget.max_think and budget.max_think > max_tokens - reserve:
+                raise InvalidRequestError(
+                    "max_think", f"{budget.max_think} leaves no room to answer within max_tokens {max_tokens}, which counts"
+                    f" thinking too: max_tokens must be at least max_think + {reserve} ({need})"
+                )
+            limit = min(budget.max_think or max_tokens, max_tokens - reserve, room - reserve)
+        if limit < 1:
+            short = "max_tokens" if sampling.max_tokens is not None and sampling.max_tokens - reserve < 1 else "prompt"
+            raise InvalidRequestError(short, f"leaves no room to think and answer: a budgeted request needs {reserve + 1} tokens ({need} and 1 thinking token)")
+        if budget.min_think and budget.min_think > limit:
+            raise InvalidRequestError(
+                "min_think", f"{budget.min_think} does not fit: thinking is cut at {limit} tokens here so that {need} fit;"
+                " lower min_think or raise max_tokens"
+            )
+        return ThinkState(budget, t.think_end, wait, answer_prefix, think_limit=limit), max_tokens
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.sequences:
             raise DuplicateRequestError(seq.request_id)
         self.sequences[seq.request_id] = seq
+        self.output.add(seq)
         self.scheduler.add(seq)
 
     def add_request(
@@ -148,12 +194,11 @@ class LLMEngine:
         self.add_sequence(self.make_sequence(request_id, prompt, sampling, budget))
 
     def abort(self, request_id: str) -> StepOutput:
-        seq = self.sequences.pop(request_id, None)
+        seq = self.sequences.get(request_id)
         if seq is None:
             raise RequestNotFoundError(request_id)
-        self.scheduler.finish(seq)
-        seq.finish_reason = FinishReason.ABORT
-        return self._delta(seq)
+        self._finish(seq, FinishReason.ABORT)
+        return self.output.process(seq, [], FinishReason.ABORT)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -173,92 +218,35 @@ class LLMEngine:
             self.block_manager.cache_full_blocks(seq)
             if token is None:
                 continue  # a prefill chunk that did not reach the end of the prompt
-            added = self._append(seq, token)
-            reason = self._finish_reason(seq, seq.token_ids[-1], added)
-            if reason is not None:
-                if not seq.stopped_by_string:  # flush a pending partial character, as a full decode would
-                    self.detokenizer.step(seq, final=True)
-                seq.finish_reason = reason
-                self.scheduler.finish(seq)
-                del self.sequences[seq.request_id]
-            outputs.append(self._delta(seq))
+            segments = self._segments(seq, token)
+            for segment in segments:
+                seq.token_ids += segment.token_ids
+            delta = self.output.process(seq, segments, self._finish_reason(seq, segments[-1]))
+            if delta.finished:  # EOS, a stop id or the length here; a stop string on the output side
+                self._finish(seq, FinishReason(delta.finish_reason))
+            outputs.append(delta)
         return outputs
 
-    def _append(self, seq: Sequence, token: int) -> str:
-        """Append the sampled token, or what budget forcing puts in its place; returns new text.
-
-        Forced tokens are cut at max_tokens / the context like sampled ones (`think_end_forced`
-        still records the decision); the next step computes their K/V as one chunk, exactly
-        like a prompt chunk.
-        """
+    def _segments(self, seq: Sequence, token: int) -> list[Segment]:
+        """What to append for the sampled token: the token itself, or what budget forcing puts in
+        its place. The next step computes forced tokens' K/V as one chunk, like a prompt chunk."""
         if seq.think is None:
-            seq.token_ids.append(token)
-            return self.detokenizer.step(seq)
-        is_eos = token in self.eos_token_ids and not seq.sampling.ignore_eos
-        room = min(seq.sampling.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens)
-        added = ""
-        for phase, tokens in seq.think.accept(token, is_eos, room):
-            if phase is Phase.DELIMITER:  # pin where the thinking text ends and the answer begins
-                added += self.detokenizer.step(seq, final=True)
-                seq.think_end_char = len(seq.text)
-            seq.token_ids += tokens
-            added += self.detokenizer.step(seq, final=phase is Phase.DELIMITER)
-            if phase is Phase.DELIMITER:
-                seq.answer_start_char, seq.answer_start_token = len(seq.text), seq.num_output_tokens
-        return added
+            return [Segment(Phase.ANSWER, (token,), forced=False)]
+        return seq.think.accept(token, is_eos=token in self.eos_token_ids and not seq.sampling.ignore_eos)
 
-    def _finish_reason(self, seq: Sequence, token: int, added: str) -> FinishReason | None:
+    def _finish_reason(self, seq: Sequence, last: Segment) -> FinishReason | None:
+        """EOS or a stop token id sampled in the answer phase (never a forced token, never thinking),
+        or the length. Stop strings are matched on the output side."""
         sp = seq.sampling
-        if (token in self.eos_token_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
-            return FinishReason.STOP
-        if added and sp.stop:
-            window = max(0, len(seq.text) - len(added) - max(map(len, sp.stop)) + 1)
-            hits = [i for i in (seq.text.find(s, window) for s in sp.stop) if i >= 0]
-            if hits:
-                seq.text = seq.text[: min(hits)]
-                seq.stopped_by_string = True
+        if last.phase is Phase.ANSWER and not last.forced:
+            token = last.token_ids[-1]
+            if (token in self.eos_token_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
                 return FinishReason.STOP
-        if seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_model_len:
+        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 
-    def _delta(self, seq: Sequence) -> StepOutput:
-        """New tokens and text since the last delta; text that may begin a stop string waits."""
-        visible = len(seq.text)
-        if not seq.is_finished:
-            visible -= _partial_stop_len(seq.text, seq.sampling.stop)
-        emitted = seq.num_emitted_chars
-        think_end = visible if seq.think_end_char is None else min(seq.think_end_char, visible)
-        answer_start = visible if seq.answer_start_char is None else max(seq.answer_start_char, emitted)
-        seq.num_emitted_chars = max(emitted, visible)
-        new_tokens = seq.output_token_ids[seq.num_emitted_tokens :]
-        seq.num_emitted_tokens = seq.num_output_tokens
-        think = seq.think
-        return StepOutput(
-            request_id=seq.request_id,
-            new_token_ids=new_tokens,
-            new_text=seq.text[emitted:visible],
-            finished=seq.is_finished,
-            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_cached_tokens=seq.num_cached_tokens,
-            think_text=seq.text[emitted:think_end],
-            answer_text=seq.text[answer_start:visible],
-            events=think.take_events() if think else [],
-            phase="think" if seq.answer_start_char is None else "answer",
-            think_tokens=seq.think_tokens,
-            answer_tokens=seq.answer_tokens,
-            num_waits=think.num_waits if think else 0,
-            think_end_forced=think.think_end_forced if think else False,
-        )
-
-
-def _partial_stop_len(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.finish_reason = reason
+        self.scheduler.finish(seq)
+        del self.sequences[seq.request_id]

@@ -51,11 +51,13 @@ class LLM:
         conversations: list[dict] | list[list[dict]],
         sampling: SamplingParams | list[SamplingParams] | None = None,
         budget: ThinkBudget | list[ThinkBudget | None] | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """`generate` for chat messages, rendered with the model's chat template + think opener."""
+        """`generate` for chat messages, as the model's chat template tokenizes them (the think
+        opener is added to budgeted ones that do not open thinking)."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        return self.generate([self.engine.render_chat(c) for c in conversations], sampling, budget)
+        return self.generate([self.engine.render_chat(c, chat_template_kwargs) for c in conversations], sampling, budget)
 
 
 def _per_prompt(value, n: int, name: str) -> list:

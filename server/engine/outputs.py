@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 class StepOutput:
     request_id: str
     new_token_ids: list[int]  # sampled and forced tokens alike, in order
-    new_text: str  # all new text; stop-string-safe (a possible stop-string prefix is held back)
+    forced: list[bool]  # per new token: True when the engine forced it (Wait, delimiter, answer prefix)
+    new_text: str  # thinking, delimiter and answer text, in order; an answer's possible stop-string prefix is held back
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort" once finished
     num_prompt_tokens: int
@@ -33,7 +34,8 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)  # every generated token, forced ones included
-    text: str = ""
+    forced: list[bool] = field(default_factory=list)  # per token: forced by the engine, not sampled
+    text: str = ""  # think_text + the delimiter as written + answer_text
     think_text: str = ""
     answer_text: str = ""
     think_tokens: int = 0
@@ -50,6 +52,7 @@ class RequestOutput:
 
     def add(self, delta: StepOutput) -> None:
         self.token_ids += delta.new_token_ids
+        self.forced += delta.forced
         self.text += delta.new_text
         self.think_text += delta.think_text
         self.answer_text += delta.answer_text

@@ -16,7 +16,10 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k filter
-    max_tokens: int = 256
+    # Generated tokens in all (thinking, forced and answer tokens, as OpenAI and vLLM count them).
+    # None: the engine's default_max_tokens; for a budgeted request the think limit plus the
+    # delimiter, the answer prefix and default_max_tokens for the answer (LLMEngine plans it).
+    max_tokens: int | None = None
     seed: int | None = None  # same seed -> same output, whatever else is in the batch
     stop: tuple[str, ...] = ()  # stop strings; the matched string is cut from the text
     stop_token_ids: tuple[int, ...] = ()
@@ -36,7 +39,7 @@ class SamplingParams:
             raise InvalidSamplingParamError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidSamplingParamError("top_k", f"must be >= 0 (0 disables it), got {self.top_k}")
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise InvalidSamplingParamError("max_tokens", f"must be >= 1, got {self.max_tokens}")
         if any(not s for s in self.stop):
             raise InvalidSamplingParamError("stop", "stop strings must be non-empty")
@@ -59,13 +62,15 @@ class SamplingParams:
 class ThinkBudget:
     """s1 budget forcing limits for one request; 0 or None = no constraint (as in DESIGN.md).
 
-    `wait` replaces the template's "Wait" for this request. Semantics: server/engine/think.py.
+    `wait` replaces the template's "Wait" for this request, `answer_prefix` the text forced after
+    the delimiter at the cut ("" forces the delimiter alone). Semantics: server/engine/think.py.
     """
 
     min_think: int | None = None
     max_think: int | None = None
     max_waits: int | None = None
     wait: str | None = None
+    answer_prefix: str | None = None
 
     def __post_init__(self):
         for name in ("min_think", "max_think", "max_waits"):

@@ -1,4 +1,5 @@
-"""A request's state inside the engine: tokens so far and how many of them have KV computed.
+"""A request's state inside the engine core: tokens so far and how many of them have KV computed.
+Text, phases and stop strings are the output side's (output_processor.py).
 
 The scheduler's whole job is to close the gap `num_tokens - num_computed_tokens` within a token
 budget; a prefill, a prefill chunk, a recompute after preemption and a decode step are all that.
@@ -38,26 +39,12 @@ class Sequence:
     num_registered_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
-    stopped_by_string: bool = False  # text was cut at a stop string: nothing after it is decoded
     num_preemptions: int = 0
     think: ThinkState | None = None  # budget forcing; None = no think phase (all output is answer)
-    # Where the phases sit in the output: chars of `text` before the delimiter / after it, and the
-    # output index of the first answer token. None while still thinking.
-    think_end_char: int | None = None
-    answer_start_char: int | None = None
-    answer_start_token: int | None = None
-    # Incremental detokenization state (see detokenizer.py).
-    text: str = ""
-    prefix_offset: int = 0
-    read_offset: int = 0
-    num_emitted_tokens: int = 0  # output tokens already reported to the caller
-    num_emitted_chars: int = 0  # characters of `text` already reported to the caller
+    max_tokens: int = 1  # generated tokens allowed; LLMEngine resolves it from sampling.max_tokens and the budget
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)
-        self.prefix_offset = self.read_offset = len(self.prompt_token_ids)
-        if self.think is None:
-            self.think_end_char = self.answer_start_char = self.answer_start_token = 0
 
     @property
     def num_tokens(self) -> int:
@@ -74,14 +61,6 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - len(self.prompt_token_ids)
-
-    @property
-    def think_tokens(self) -> int:
-        return self.think.think_tokens if self.think else 0
-
-    @property
-    def answer_tokens(self) -> int:
-        return 0 if self.answer_start_token is None else self.num_output_tokens - self.answer_start_token
 
     @property
     def is_finished(self) -> bool:

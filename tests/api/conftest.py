@@ -16,7 +16,7 @@ def local(**overrides) -> ServerConfig:
 
 @pytest.fixture(scope="module")
 def server(llama_dir):
-    with BackgroundServer(llama_dir, local(default_max_tokens=32), num_kv_blocks=256, block_size=8) as s:
+    with BackgroundServer(llama_dir, local(), num_kv_blocks=256, block_size=8, default_max_tokens=32) as s:
         yield s
 
 

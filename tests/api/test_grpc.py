@@ -15,7 +15,7 @@ from tests.conftest import random_prompts
 
 from .conftest import assert_all_blocks_free
 
-GREEDY = pb.SamplingOptions(temperature=0, max_tokens=24)
+GREEDY = pb.SamplingOptions(temperature=0, max_tokens=48)
 
 
 def budgeted(prompt: str, **budget) -> pb.GenerateRequest:
@@ -25,7 +25,7 @@ def budgeted(prompt: str, **budget) -> pb.GenerateRequest:
 def test_unary_with_a_budget_matches_the_offline_engine(stub, make_llm, llama_dir):
     reply = stub.Generate(budgeted("Is 7 prime?", max_think=6))
     [ref] = make_llm(llama_dir, num_kv_blocks=64).generate(
-        "Is 7 prime?", SamplingParams(temperature=0, max_tokens=24), ThinkBudget(max_think=6)
+        "Is 7 prime?", SamplingParams(temperature=0, max_tokens=48), ThinkBudget(max_think=6)
     )
     assert list(reply.token_ids) == ref.token_ids
     assert (reply.think_text, reply.answer_text, reply.text) == (ref.think_text, ref.answer_text, ref.text)
@@ -37,7 +37,7 @@ def test_unary_with_a_budget_matches_the_offline_engine(stub, make_llm, llama_di
 
 def test_stream_is_phase_tagged_with_events_and_final_usage(stub):
     messages = list(stub.GenerateStream(budgeted("Count to three.", max_think=5)))
-    assert all(m.usage.completion_tokens == 0 for m in messages[:-1]) and messages[-1].usage.completion_tokens == 24
+    assert all(m.usage.completion_tokens == 0 for m in messages[:-1]) and messages[-1].usage.completion_tokens == 48
     events = [e for m in messages for e in m.events]
     assert events == [pb.THINK_END_FORCED]
     phases = [m.phase for m in messages]

@@ -18,20 +18,20 @@ def client(server, api_key="unused") -> openai.OpenAI:
 
 def test_completions_with_a_budget_match_the_offline_engine(server, make_llm, llama_dir):
     reply = client(server).completions.create(
-        model="llama0", prompt="Is 7 prime?", max_tokens=24, temperature=0, extra_body={"max_think": 6}
+        model="llama0", prompt="Is 7 prime?", max_tokens=48, temperature=0, extra_body={"max_think": 6}
     )
     [ref] = make_llm(llama_dir, num_kv_blocks=64).generate(
-        "Is 7 prime?", SamplingParams(temperature=0, max_tokens=24), ThinkBudget(max_think=6)
+        "Is 7 prime?", SamplingParams(temperature=0, max_tokens=48), ThinkBudget(max_think=6)
     )
     choice = reply.choices[0]
     assert choice.text == ref.answer_text and choice.reasoning_content == ref.think_text
-    assert reply.usage.completion_tokens == 24 and reply.usage.completion_tokens_details.reasoning_tokens == 6
+    assert reply.usage.completion_tokens == 48 and reply.usage.completion_tokens_details.reasoning_tokens == 6
     assert choice.finish_reason == "length"
 
 
 def test_chat_streaming_returns_reasoning_content_deltas(server):
     c = client(server)
-    kwargs = dict(model="llama0", messages=[{"role": "user", "content": "hi"}], max_tokens=24, temperature=0,
+    kwargs = dict(model="llama0", messages=[{"role": "user", "content": "hi"}], max_tokens=48, temperature=0,
                   extra_body={"max_think": 5})
     full = c.chat.completions.create(**kwargs)
     chunks = list(c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
@@ -72,7 +72,7 @@ def value(samples: dict, name: str, **labels) -> float:
 def test_metrics_parse_and_move_by_the_right_amounts(server):
     before = scrape(server)
     reply = client(server).completions.create(
-        model="llama0", prompt="hello", max_tokens=20, temperature=0, extra_body={"max_think": 7}
+        model="llama0", prompt="hello", max_tokens=48, temperature=0, extra_body={"max_think": 7}
     )
     after = scrape(server)
     moved = lambda name, **kw: value(after, name, **kw) - value(before, name, **kw)  # noqa: E731

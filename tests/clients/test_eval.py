@@ -124,7 +124,7 @@ def feedback_total(samples: dict) -> float:
 
 def test_sweep_through_a_server_agrees_with_its_records_and_feeds_back(server, tmp_path):
     questions = load_task("arith", limit=4)
-    cfg = SweepConfig(budgets=[4, 8, 16], min_think=6, max_waits=2, answer_tokens=8, concurrency=4)
+    cfg = SweepConfig(budgets=[4, 8, 16], min_think=6, max_waits=2, answer_tokens=32, concurrency=4)
     before = feedback_total(scrape(server))
     summary = run_sweep(questions, cfg, ServerBackend(server.grpc_address), tmp_path)
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -141,14 +141,14 @@ def test_sweep_through_a_server_agrees_with_its_records_and_feeds_back(server, t
     assert png_size(tmp_path / "accuracy_vs_think_tokens.png") == (640, 480)
     assert png_size(tmp_path / "think_tokens_hist.png") == (640, 480)
 
-    again = run_sweep(questions, SweepConfig(budgets=[4, 8, 16, 32], min_think=6, max_waits=2, answer_tokens=8),
+    again = run_sweep(questions, SweepConfig(budgets=[4, 8, 16, 32], min_think=6, max_waits=2, answer_tokens=32),
                       ServerBackend(server.grpc_address), tmp_path, resume=True)
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(records) == 16 and again["methods"]["budget_forcing"]["runs"] == 16  # only budget 32 was new
 
 
 def test_rejection_sampling_comparison(server, tmp_path):
-    cfg = SweepConfig(budgets=[6, 12], answer_tokens=6, temperature=1.0, rejection_tries=3)
+    cfg = SweepConfig(budgets=[6, 12], answer_tokens=32, temperature=1.0, rejection_tries=3)
     summary = run_sweep(load_task("arith", limit=3), cfg, ServerBackend(server.grpc_address), tmp_path)
     assert set(summary["methods"]) == {"budget_forcing", "rejection_sampling"}
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -159,7 +159,7 @@ def test_rejection_sampling_comparison(server, tmp_path):
 
 def test_eval_cli_runs_offline(llama_dir, tmp_path, capsys):
     code = main(["eval", "arith", "--model", str(llama_dir), "--budgets", "4,8", "--limit", "2",
-                 "--answer-tokens", "4", "--out", str(tmp_path), "--num-kv-blocks", "64"])
+                 "--answer-tokens", "32", "--out", str(tmp_path), "--num-kv-blocks", "64"])
     assert code == 0
     out = capsys.readouterr().out
     assert "budget_forcing: control" in out and (tmp_path / "summary.json").exists()

@@ -32,7 +32,7 @@ def sample_config(tmp_path: Path, engine_dir: Path, **changes) -> Path:
     config["sources"][0]["path"] = str(SOURCE_FILE)
     config["eval_sets"][0]["path"] = str(EVAL_FILE)
     config["difficulty"]["solvers"] = [{"engine": str(engine_dir), "max_tokens": 16}]
-    config["traces"]["teacher"] = {"engine": str(engine_dir), "min_think": 16, "max_think": 24, "max_tokens": 8}
+    config["traces"]["teacher"] = {"engine": str(engine_dir), "min_think": 16, "max_think": 24, "max_tokens": 32}
     config["out"] = str(tmp_path / "out")
     config.update(changes)
     path = tmp_path / "config.yaml"
@@ -61,7 +61,8 @@ def test_end_to_end_on_the_shipped_sample(built, engine_dir):
     assert data.features["thinking_trajectories"] == datasets.Sequence(datasets.Value("string"))
     assert len(data) == config.select["size"]
     assert len(data) == len(datasets.Dataset.from_parquet(str(out / "s1k.parquet")))
-    assert len((out / "s1k.jsonl").read_text().splitlines()) == len(data)
+    # One JSON line per sample (split on "\n" only: str.splitlines also splits at \x1c, \x85, ... inside traces).
+    assert len((out / "s1k.jsonl").read_text().rstrip("\n").split("\n")) == len(data)
     assert (out / "funnel.png").read_bytes()[:4] == b"\x89PNG"
     funnel = json.loads((out / "funnel.json").read_text())
     stages = funnel["stages"]
@@ -80,8 +81,8 @@ def test_end_to_end_on_the_shipped_sample(built, engine_dir):
     # What the trainer renders from it: the trace sits between the s1 think markers.
     tokenizer = AutoTokenizer.from_pretrained(engine_dir)
     renderer = make_renderer(tokenizer, TrainConfig(model=str(engine_dir), dataset=str(out), output_dir="unused"), data.column_names)
-    prompt, completion = renderer.texts(data[0])
-    assert data[0]["question"] in prompt and completion.startswith("<|im_start|>think\n")
+    prompt_ids, completion = renderer.texts(data[0])
+    assert data[0]["question"] in tokenizer.decode(prompt_ids) and completion.startswith("<|im_start|>think\n")
     assert "<|im_start|>answer\nAnswer:" in completion
 
 

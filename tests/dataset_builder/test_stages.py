@@ -137,7 +137,7 @@ def test_selection_is_seeded_balances_domains_and_prefers_long_traces():
 
 
 def test_endpoint_backend_reads_reasoning_from_a_running_s1serve(server):
-    backend = EndpointBackend(server.http_url + "/v1", model="llama0", max_tokens=8, max_think=6)
+    backend = EndpointBackend(server.http_url + "/v1", model="llama0", max_tokens=32, max_think=6)
     [reply] = backend.chat([[{"role": "user", "content": "What is 2+3?"}]])
     assert not reply.error and reply.reasoning  # think phase as reasoning_content, answer as content
     bad = EndpointBackend("http://127.0.0.1:9/v1", model="x", retries=1, timeout_s=2)

@@ -8,7 +8,8 @@ delimiter and the answer prefix and generate the answer. Every call re-prefills 
 which is exactly what the engine's in-loop version avoids. Differences from the s1 script, all
 from DESIGN.md: inserted Wait tokens count as thinking; a model that ends thinking on its own (its
 delimiter or EOS, where s1 stops too) gets the delimiter completed (no answer prefix) and then
-answers; `max_tokens` bounds all generated tokens.
+answers; `max_tokens` bounds all generated tokens and thinking is cut early enough that the
+forced end and a minimum answer fit in it.
 """
 
 import torch
@@ -49,44 +50,39 @@ def greedy_until(model, ids: list[int], max_new: int, stop: set[int], bias: dict
 
 def s1_reference(
     model, prompt: list[int], think: ThinkTokens, budget: ThinkBudget, wait: tuple[int, ...],
-    max_tokens: int, eos: set[int], bias: dict[int, float],
+    max_tokens: int, eos: set[int], bias: dict[int, float], min_answer: int,
 ) -> dict:
+    forced_end = list(think.think_end) + list(think.answer_prefix)
+    # Thinking is cut at max_think, or earlier so that the forced end and `min_answer` answer
+    # tokens fit in max_tokens (the engine refuses budgets that cannot leave that room).
+    limit = min(budget.max_think or max_tokens, max_tokens - len(forced_end) - min_answer)
     out: list[int] = []
     num_think = num_waits = 0
     forced = False
     stop = {think.think_end[0], *eos}
-
-    def room() -> int:
-        return max_tokens - len(out)
-
     while True:  # the think phase, one generate() call per segment between Waits
-        budget_left = budget.max_think - num_think if budget.max_think else room()
-        tokens, stopped_at = greedy_until(model, prompt + out, min(budget_left, room()), stop, bias)
+        tokens, stopped_at = greedy_until(model, prompt + out, limit - num_think, stop, bias)
         out += tokens
         num_think += len(tokens)
-        if room() <= 0:  # max_tokens ran out while thinking (the budget may have run out with it)
-            forced = stopped_at is None and bool(budget.max_think) and num_think >= budget.max_think
-            return dict(token_ids=out, think_tokens=num_think, num_waits=num_waits, forced=forced)
         if stopped_at is None:  # the thinking budget ran out: force the end
             forced = True
-            out += list(think.think_end) + list(think.answer_prefix)
+            out += forced_end
             break
         may_wait = budget.min_think and num_think < budget.min_think and not (
             budget.max_waits and num_waits >= budget.max_waits
         )
         if may_wait:
-            w = list(wait[: budget.max_think - num_think] if budget.max_think else wait)[: room()]
+            w = list(wait[: limit - num_think])
             out += w
             num_think += len(w)
             num_waits += 1
-            if budget.max_think and num_think >= budget.max_think:
+            if num_think >= limit:
                 forced = True
-                out += list(think.think_end) + list(think.answer_prefix)
+                out += forced_end
                 break
             continue
         out += list(think.think_end)  # the model ended thinking itself (delimiter or EOS): complete the delimiter
         break
-    out = out[:max_tokens]
-    tokens, stopped_at = greedy_until(model, prompt + out, room(), eos, bias)  # the answer phase
+    tokens, stopped_at = greedy_until(model, prompt + out, max_tokens - len(out), eos, bias)  # the answer phase
     out += tokens + ([stopped_at] if stopped_at is not None else [])
-    return dict(token_ids=out[:max_tokens], think_tokens=num_think, num_waits=num_waits, forced=forced)
+    return dict(token_ids=out, think_tokens=num_think, num_waits=num_waits, forced=forced)

@@ -73,7 +73,7 @@ def test_budgeted_streams_are_phase_tagged_and_add_up_to_the_offline_result(asyn
     from server.engine import ThinkBudget
 
     delimiter = async_llm.engine.think_ids.think_end[0]
-    sampling = SamplingParams(temperature=0, max_tokens=30, logit_bias={delimiter: 2.0})
+    sampling = SamplingParams(temperature=0, max_tokens=60, logit_bias={delimiter: 2.0})
     budgets = [ThinkBudget(min_think=15, max_waits=3), ThinkBudget(max_think=6), ThinkBudget(min_think=8, max_think=12)]
     prompts = random_prompts(3, 400, seed=4)
     offline = make_llm(llama_dir).generate(prompts, sampling, budgets)

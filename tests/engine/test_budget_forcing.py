@@ -7,12 +7,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.engine import InvalidRequestError, SamplingParams, ThinkBudget, ThinkTemplate
+from server.errors import InvalidConfigError
 from server.engine.think import THINK_TEMPLATES
 
 from ..conftest import hf_greedy, hf_model, random_prompts
 from .budget_reference import s1_reference
 
-MAX_TOKENS = 64
+MAX_TOKENS = 96
 BIAS = 2.0  # on the delimiter's first token: the random model really tries to stop thinking
 
 BUDGETS = [
@@ -26,8 +27,8 @@ BUDGETS = [
     ThinkBudget(min_think=35, max_think=50, max_waits=3),
     ThinkBudget(min_think=12, max_think=40, wait=" hmm, wait"),
     ThinkBudget(min_think=25, max_think=26, wait="Wait Wait Wait"),
-    ThinkBudget(min_think=60, max_think=60),  # runs into max_tokens while thinking
-    ThinkBudget(),  # phases tracked, nothing enforced
+    ThinkBudget(min_think=69),  # thinking cut where max_tokens leaves the answer its minimum room
+    ThinkBudget(),  # phases tracked; cut only to leave the answer room
     ThinkBudget(max_think=1),
     ThinkBudget(min_think=3, max_waits=5),
 ]
@@ -50,7 +51,8 @@ def test_greedy_output_equals_the_s1_loop_on_transformers(make_llm, model_dir):
             assert out.think_tokens == 0 and out.answer_text == out.text
             continue
         wait = tuple(llm.tokenizer.encode(budget.wait, add_special_tokens=False)) if budget.wait else think.wait
-        ref = s1_reference(model, prompt + list(think.think_start), think, budget, wait, MAX_TOKENS, eos, bias)
+        ref = s1_reference(model, prompt + list(think.think_start), think, budget, wait, MAX_TOKENS, eos, bias,
+                           engine.config.min_answer_tokens)
         assert out.prompt_token_ids[-len(think.think_start) :] == list(think.think_start)
         assert out.token_ids == ref["token_ids"], budget
         assert (out.think_tokens, out.num_waits, out.think_end_forced) == (
@@ -66,8 +68,8 @@ def test_unbudgeted_requests_match_transformers_next_to_budgeted_ones(make_llm, 
     llm = make_llm(llama_dir, num_kv_blocks=256)
     prompts = random_prompts(6, len(llm.tokenizer), seed=5, max_len=30)
     budgets = [ThinkBudget(min_think=20, max_waits=4), None] * 3
-    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24), budgets)
-    expected = hf_greedy(llama_dir, prompts[1::2], 24)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=48), budgets)
+    expected = hf_greedy(llama_dir, prompts[1::2], 48)
     assert [o.token_ids for o in outputs[1::2]] == expected
 
 
@@ -94,7 +96,7 @@ def test_phases_split_the_text_and_events_mark_what_the_engine_did(make_llm, lla
 def test_budgeted_outputs_survive_preemption_and_prefix_caching(make_llm, llama_dir):
     prompts = random_prompts(8, 400, seed=9, min_len=20, max_len=40)
     prompts = [prompts[0][:16] + p for p in prompts]  # a shared prefix for the cache
-    sampling = SamplingParams(temperature=0, max_tokens=48, logit_bias={1: BIAS})
+    sampling = SamplingParams(temperature=0, max_tokens=60, logit_bias={1: BIAS})
     budgets = [ThinkBudget(min_think=20, max_think=30, max_waits=3)] * 8
     roomy = make_llm(llama_dir, num_kv_blocks=512, enable_prefix_caching=False).generate(prompts, sampling, budgets)
     tight_llm = make_llm(llama_dir, num_kv_blocks=24, block_size=8)
@@ -108,44 +110,60 @@ def test_budgeted_outputs_survive_preemption_and_prefix_caching(make_llm, llama_
 def test_seeded_sampling_with_budgets_is_reproducible_whatever_the_batch(make_llm, llama_dir):
     llm = make_llm(llama_dir, num_kv_blocks=256)
     prompts = random_prompts(4, 400, seed=2, max_len=20)
-    sampling = SamplingParams(temperature=1.0, top_p=0.9, seed=123, max_tokens=40, logit_bias={1: BIAS})
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, seed=123, max_tokens=56, logit_bias={1: BIAS})
     budget = ThinkBudget(min_think=15, max_think=25)
     together = llm.generate(prompts, sampling, budget)
     alone = [llm.generate([p], sampling, budget)[0] for p in prompts]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_budget_invariants_hold_for_random_budgets_and_batches(make_llm, llama_dir, data):
-    llm = make_llm(llama_dir, num_kv_blocks=256)
-    n = data.draw(st.integers(1, 6))
+def test_a_budgeted_request_is_refused_naming_a_field_or_reaches_an_answer_with_room(make_llm, llama_dir, data):
+    """Every combination of max_tokens (set or not), max_think, min_think and max_waits."""
+    llm = make_llm(llama_dir, num_kv_blocks=256, max_model_len=160, default_max_tokens=24)
+    engine = llm.engine
+    think = engine.think_ids
+    min_answer = engine.config.min_answer_tokens
     optional = lambda hi: st.one_of(st.none(), st.integers(0, hi))  # noqa: E731
+    n = data.draw(st.integers(1, 5))
     budgets = []
     for _ in range(n):
         if data.draw(st.booleans()):
             budgets.append(None)
             continue
-        lo, hi = data.draw(optional(50)), data.draw(optional(50))
+        lo, hi = data.draw(optional(90)), data.draw(optional(90))
         if lo and hi and lo > hi:
             lo, hi = hi, lo
         budgets.append(ThinkBudget(min_think=lo, max_think=hi, max_waits=data.draw(optional(4))))
-    max_tokens = data.draw(st.integers(1, 60))
-    seed = data.draw(st.integers(0, 1000))
-    prompts = random_prompts(n, 400, seed=seed, max_len=30)
-    sampling = SamplingParams(temperature=0, max_tokens=max_tokens, logit_bias={1: data.draw(st.sampled_from([0.0, 2.0, 5.0]))})
-    outputs = llm.generate(prompts, sampling, budgets)
-    for prompt, budget, out in zip(prompts, budgets, outputs):
-        assert len(out.token_ids) <= max_tokens
+    max_tokens = data.draw(st.one_of(st.none(), st.integers(1, 120)))
+    prompts = random_prompts(n, 400, seed=data.draw(st.integers(0, 1000)), max_len=30)
+    bias = {think.think_end[0]: data.draw(st.sampled_from([0.0, 2.0, 5.0]))}
+    sampling = SamplingParams(temperature=0, max_tokens=max_tokens, logit_bias=bias)
+    for prompt, budget in zip(prompts, budgets):
+        try:
+            [out] = llm.generate([prompt], sampling, budget)
+        except InvalidRequestError as err:
+            assert budget is not None
+            assert err.field in ("max_think", "min_think", "max_tokens", "prompt")
+            continue
+        limit = max_tokens or (engine.config.default_max_tokens if budget is None else None)
+        if limit is not None:
+            assert len(out.token_ids) <= limit
         if budget is None:
             assert out.token_ids == llm.generate([prompt], sampling)[0].token_ids  # as when run alone
             continue
-        if budget.max_think:
-            assert out.think_tokens <= budget.max_think
-        if budget.max_waits:
-            assert out.num_waits <= budget.max_waits
+        assert out.think_tokens <= (budget.max_think or out.think_tokens)
+        assert out.num_waits <= (budget.max_waits or out.num_waits)
+        # The answer phase was reached, with room: it ended by itself (EOS) or had min_answer tokens.
+        delimiter = len(think.think_end)
+        assert out.think_tokens + delimiter + out.answer_tokens == len(out.token_ids), "a token counted twice or not at all"
+        assert out.answer_tokens >= 1
+        if out.finish_reason == "length":
+            prefix = len(think.answer_prefix) if out.think_end_forced else 0
+            assert out.answer_tokens - prefix >= min_answer
         if budget.min_think and out.think_tokens < budget.min_think:
-            assert out.num_waits == budget.max_waits or out.finish_reason == "length"
+            assert out.num_waits == budget.max_waits  # only running out of Waits ends thinking early
 
 
 @pytest.mark.parametrize(
@@ -178,7 +196,7 @@ def test_budgets_that_do_not_fit_the_model_are_rejected_before_scheduling(make_l
 def test_the_think_opener_is_appended_once(make_llm, llama_dir):
     llm = make_llm(llama_dir, num_kv_blocks=64)
     start = THINK_TEMPLATES["s1"].think_start
-    budget, sampling = ThinkBudget(max_think=2), SamplingParams(temperature=0, max_tokens=4)
+    budget, sampling = ThinkBudget(max_think=2), SamplingParams(temperature=0, max_tokens=40)
     plain, opened, s1_style = llm.generate(["Hi", "Hi" + start, "Hi" + start.rstrip()], sampling, budget)
     assert plain.prompt_token_ids == opened.prompt_token_ids == s1_style.prompt_token_ids
     ids = llm.tokenizer("Hi").input_ids
@@ -186,17 +204,26 @@ def test_the_think_opener_is_appended_once(make_llm, llama_dir):
     assert from_ids.prompt_token_ids == plain.prompt_token_ids
 
 
-def test_templates_are_chosen_by_name_object_or_tokenizer(make_llm, llama_dir):
+def test_templates_are_chosen_by_name_object_or_tokenizer_and_checked_at_start_up(make_llm, llama_dir):
     assert make_llm(llama_dir, num_kv_blocks=8).engine.think_template.name == "s1"  # ChatML vocabulary
-    assert make_llm(llama_dir, num_kv_blocks=8, think_template="r1").engine.think_template.name == "r1"
     custom = ThinkTemplate("mine", "<|im_start|>", "<|endoftext|>", " So:", "Hmm")
     llm = make_llm(llama_dir, num_kv_blocks=64, think_template=custom)
-    [out] = llm.generate("Hi", SamplingParams(temperature=0, max_tokens=10), ThinkBudget(max_think=3))
+    [out] = llm.generate("Hi", SamplingParams(temperature=0, max_tokens=40), ThinkBudget(max_think=3))
     assert llm.tokenizer.decode(out.token_ids[3:4]) == "<|endoftext|>"
+    # A delimiter that does not start with a token of its own cannot be caught: refused at start-up.
+    for template in ("r1", ThinkTemplate("slash", "<|im_start|>", "</think>", " So:")):
+        with pytest.raises(InvalidConfigError, match="no token of its own"):
+            make_llm(llama_dir, num_kv_blocks=8, think_template=template)
+    with pytest.raises(InvalidConfigError, match="starts with the delimiter"):
+        make_llm(llama_dir, num_kv_blocks=8, think_template=ThinkTemplate("w", "<|im_start|>", "<|endoftext|>", "", "<|endoftext|>"))
 
 
-def test_chat_requests_are_rendered_with_the_chat_template_and_the_think_opener(make_llm, llama_dir):
+def test_chat_requests_get_the_think_opener_only_when_budgeted(make_llm, llama_dir):
     llm = make_llm(llama_dir, num_kv_blocks=64)
-    [out] = llm.chat([{"role": "user", "content": "2+2?"}], SamplingParams(temperature=0, max_tokens=4))
-    text = llm.tokenizer.decode(out.prompt_token_ids)
-    assert text.endswith("<|im_start|>assistant\n<|im_start|>think\n")
+    messages = [{"role": "user", "content": "2+2?"}]
+    sampling = SamplingParams(temperature=0, max_tokens=40)
+    [plain] = llm.chat(messages, sampling)
+    [budgeted] = llm.chat(messages, sampling, ThinkBudget(max_think=4))
+    own = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert plain.prompt_token_ids == own
+    assert budgeted.prompt_token_ids == own + list(llm.engine.think_ids.think_start)

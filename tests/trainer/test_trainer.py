@@ -93,8 +93,7 @@ def test_the_saved_directory_serves_in_our_engine_greedy_equal_to_transformers(t
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin.index.json"))
     llm = make_llm(out, num_kv_blocks=64, block_size=16)
     assert llm.engine.think_template.name == "s1"
-    prompts = [llm.engine.render_chat([{"role": "user", "content": q}]) for q in ("What is 3+4?", "What is 9+9?")]
-    prompt_ids = [llm.engine.tokenizer(p).input_ids for p in prompts]
+    prompt_ids = [llm.engine.render_chat([{"role": "user", "content": q}]) for q in ("What is 3+4?", "What is 9+9?")]
     ours = llm.generate(prompt_ids, SamplingParams(max_tokens=40, temperature=0.0))
     assert [o.token_ids for o in ours] == hf_greedy(out, prompt_ids, 40)
     tokenizer = AutoTokenizer.from_pretrained(out)
