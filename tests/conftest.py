@@ -20,11 +20,23 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen3's generation prompt: thinking is the model's to open, or closed up front when disabled.
+QWEN3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "<|im_start|>assistant\n{% endif %}",
+    "<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}",
+)
+# R1-distill style: the generation prompt opens thinking itself.
+R1_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}")
+# Llama 3 style: the template writes the BOS token itself.
+BOS_CHAT_TEMPLATE = "{{ bos_token }}" + CHAT_TEMPLATE
 EXTRA_EMBEDDING_ROWS = 20  # ids the tokenizer does not know, as real Qwen checkpoints have
 
 
-def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(chat_template: str = CHAT_TEMPLATE, think_tokens: bool = False, bos: bool = False):
+    """A small byte-level BPE with ChatML specials. `think_tokens` adds `<think>` / `</think>` as
+    added (not special) tokens, as Qwen3's tokenizer has them; `bos` makes `<|endoftext|>` a BOS
+    that encoding prepends, as Llama tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -34,16 +46,24 @@ def build_tokenizer():
         vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(CORPUS * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>")
-    fast.chat_template = CHAT_TEMPLATE
+    extra = {}
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+        extra["bos_token"] = "<|endoftext|>"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", **extra)
+    if think_tokens:
+        fast.add_tokens(["<think>", "</think>"])
+    fast.chat_template = chat_template
     return fast
 
 
-def build_tiny_model(path: Path, arch: str, **overrides) -> Path:
-    """Save a random-weight Llama or Qwen2 (GQA) with a small BPE tokenizer into `path`."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+def build_tiny_model(path: Path, arch: str, tokenizer=None, **overrides) -> Path:
+    """Save a random-weight Llama, Qwen2 or Qwen3 (GQA) with a small BPE tokenizer into `path`
+    (Qwen3's has its think tokens and chat template)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    tokenizer = build_tokenizer()
+    if tokenizer is None:
+        tokenizer = build_tokenizer(QWEN3_CHAT_TEMPLATE, think_tokens=True) if arch == "qwen3" else build_tokenizer()
     common = dict(
         hidden_size=64,
         intermediate_size=128,
@@ -58,11 +78,14 @@ def build_tiny_model(path: Path, arch: str, **overrides) -> Path:
         initializer_range=0.2,  # spread the logits so greedy ties (and fp32 noise flips) are rare
     )
     common.update(overrides)
-    torch.manual_seed(0 if arch == "llama" else 1)
+    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2}[arch])
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(rope_theta=10000.0, **common))
     elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(rope_theta=1000000.0, tie_word_embeddings=True, **common))
+    elif arch == "qwen3":  # head_dim apart from hidden_size / heads, as in real Qwen3 configs
+        common.setdefault("head_dim", 32)
+        model = Qwen3ForCausalLM(Qwen3Config(rope_theta=1000000.0, tie_word_embeddings=True, **common))
     else:
         raise ValueError(arch)
     model.save_pretrained(path)
@@ -80,7 +103,12 @@ def qwen2_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("qwen2"), "qwen2")
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen2"])
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3"])
 def model_dir(request) -> Path:
     return request.getfixturevalue(f"{request.param}_dir")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import UnsupportedModelError
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,9 @@ class ModelConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    qkv_bias: bool  # Qwen2 always; Llama when attention_bias
-    o_bias: bool  # Llama's attention_bias also covers o_proj
+    qkv_bias: bool  # Qwen2 always; Llama and Qwen3 when attention_bias
+    o_bias: bool  # Llama's and Qwen3's attention_bias also covers o_proj
+    qk_norm: bool  # Qwen3: RMSNorm over each head of q and k, before RoPE
     mlp_bias: bool
     torch_dtype: str | None
     eos_token_ids: tuple[int, ...]
@@ -48,8 +49,8 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise UnsupportedModelError(f"rope_type {rope_type!r} is not supported yet (only default RoPE)")
-        if model_type == "qwen2" and raw.get("use_sliding_window"):
-            raise UnsupportedModelError("Qwen2 sliding-window attention is not supported")
+        if model_type in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
+            raise UnsupportedModelError(f"{model_type} sliding-window attention is not supported")
         heads = raw["num_attention_heads"]
         attention_bias = bool(raw.get("attention_bias", False))
         return cls(
@@ -66,7 +67,8 @@ class ModelConfig:
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=model_type == "llama" and attention_bias,
+            o_bias=model_type in ("llama", "qwen3") and attention_bias,
+            qk_norm=model_type == "qwen3",
             mlp_bias=bool(raw.get("mlp_bias", False)),
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
             eos_token_ids=_eos_ids(Path(model_dir), raw),

@@ -1,4 +1,4 @@
-"""Llama-family / Qwen2 decoder on the paged-attention path.
+"""Llama-family / Qwen2 / Qwen3 decoder on the paged-attention path (Qwen3 adds per-head q/k RMSNorm).
 
 Differences from transformers' modules are only in layout: q/k/v and gate/up projections are
 fused into one matmul each (fewer, larger GEMMs), and attention reads K/V from the paged cache.
@@ -60,12 +60,18 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x, positions, rope, k_cache, v_cache, meta: pa.AttentionMetadata):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:  # over each head's head_dim, as Qwen3 does
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(positions, q, k)
         pa.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
