@@ -28,6 +28,7 @@ class Completion:
     answer_text: str
     token_ids: list[int]
     usage: Usage
+    forced: list[bool] = field(default_factory=list)  # per token: forced by the engine, not sampled
 
     @property
     def think_tokens(self) -> int:
@@ -50,6 +51,7 @@ class StreamChunk:
     phase: str  # the phase after this step: "think" | "answer"
     usage: Usage | None = None
     finished: bool = field(default=False)
+    forced: list[bool] = field(default_factory=list)  # per token of token_ids
 
     @classmethod
     def from_pb(cls, m: pb.GenerateStreamResponse) -> "StreamChunk":
@@ -59,16 +61,18 @@ class StreamChunk:
         finished = m.HasField("usage")
         return cls(m.request_id, text[pb.PHASE_THINK], text[pb.PHASE_ANSWER], list(m.token_ids),
                    [pb.Event.Name(e) for e in m.events], _PHASES[m.phase],
-                   Usage.from_pb(m.usage) if finished else None, finished)
+                   Usage.from_pb(m.usage) if finished else None, finished, list(m.forced))
 
 
 def build_request(prompt: str | None = None, messages: list[dict] | None = None, *, request_id: str = "",
                   max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                   top_k: int | None = None, seed: int | None = None, stop: list[str] | None = None,
+                  stop_token_ids: list[int] | None = None,
                   min_think: int | None = None, max_think: int | None = None, max_waits: int | None = None,
-                  wait_string: str | None = None, budget: bool | None = None) -> pb.GenerateRequest:
-    """`budget=True` (or any budget field) starts generation in the think phase."""
-    sampling = pb.SamplingOptions(stop=stop or [])
+                  wait_string: str | None = None, answer_prefix: str | None = None, budget: bool | None = None,
+                  chat_template_kwargs: dict | None = None, reasoning_effort: str | None = None) -> pb.GenerateRequest:
+    """`budget=True` (or any budget field, or `reasoning_effort`) starts generation in the think phase."""
+    sampling = pb.SamplingOptions(stop=stop or [], stop_token_ids=stop_token_ids or [])
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
                         ("top_k", top_k), ("seed", seed)):
         if value is not None:
@@ -80,15 +84,19 @@ def build_request(prompt: str | None = None, messages: list[dict] | None = None,
         request.prompt = prompt
     else:
         request.messages.CopyFrom(pb.Messages(messages=[pb.ChatMessage(**m) for m in messages]))
-    fields = dict(min_think=min_think, max_think=max_think, max_waits=max_waits, wait_string=wait_string)
+    fields = dict(min_think=min_think, max_think=max_think, max_waits=max_waits, wait_string=wait_string,
+                  answer_prefix=answer_prefix)
     if budget or any(v is not None for v in fields.values()):
         request.budget.CopyFrom(pb.ThinkBudget(**{k: v for k, v in fields.items() if v is not None}))
+    if chat_template_kwargs is not None:
+        request.chat_template_kwargs.update(chat_template_kwargs)
+    request.reasoning_effort = reasoning_effort or ""
     return request
 
 
 def _completion(reply: pb.GenerateResponse) -> Completion:
     return Completion(reply.request_id, reply.text, reply.think_text, reply.answer_text, list(reply.token_ids),
-                      Usage.from_pb(reply.usage))
+                      Usage.from_pb(reply.usage), list(reply.forced))
 
 
 def _credentials(tls: bool, root_certificates: bytes | None):

@@ -60,9 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         budget = ThinkBudget(min_think=args.min_think, max_think=args.max_think, max_waits=args.max_waits, wait=args.wait)
     prompt = args.prompt
     if not args.raw and engine.tokenizer.chat_template:
-        prompt = engine.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
+        prompt = engine.render_chat([{"role": "user", "content": prompt}])
     sampling = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_tokens=args.max_tokens, seed=args.sampling_seed, stop=tuple(args.stop),
@@ -218,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--model", help="Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--max-tokens", type=int, help="generated tokens in all, thinking included (default: --default-max-tokens;"
+                     " with a budget, the think limit + the forced end + --default-max-tokens for the answer)")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
@@ -238,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("prompt")
     ask.add_argument("--server", default="localhost:50051", help="gRPC address")
     ask.add_argument("--api-key")
-    ask.add_argument("--max-tokens", type=int, default=1024)
+    ask.add_argument("--max-tokens", type=int, help="generated tokens in all, thinking included (default: the server's)")
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--sampling-seed", type=int, default=None)
     ask.add_argument("--no-think", action="store_true", help="no think phase (the model answers directly)")

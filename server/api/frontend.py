@@ -64,7 +64,7 @@ class Frontend:
     # ---- validation -----------------------------------------------------------------------------
     def parse(
         self, *, request_id: str = "", prompt: Prompt | None = None, messages: list[dict] | None = None,
-        temperature=None, top_p=None, top_k=None, seed=None, max_tokens=None, stop=None,
+        temperature=None, top_p=None, top_k=None, seed=None, max_tokens=None, stop=None, stop_token_ids=None,
         budget: dict | None = None, chat_template_kwargs: dict | None = None, reasoning_effort: str | None = None,
     ) -> ParsedRequest:
         """Turn API fields into engine parameters; raises InvalidRequestError naming the field."""
@@ -96,12 +96,19 @@ class Frontend:
             if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
                 raise InvalidRequestError("stop", "must be a string or a list of strings")
             kwargs["stop"] = tuple(stop)
+        if stop_token_ids is not None:
+            if not isinstance(stop_token_ids, list):
+                raise InvalidRequestError("stop_token_ids", "must be a list of token ids")
+            kwargs["stop_token_ids"] = tuple(_int_field("stop_token_ids", t) for t in stop_token_ids)
         sampling = SamplingParams(**kwargs)
         if reasoning_effort:
             if reasoning_effort not in self.reasoning_efforts:
                 raise InvalidRequestError("reasoning_effort", f"must be one of {', '.join(self.reasoning_efforts)}, got {reasoning_effort!r}")
             budget = dict(budget or {})
-            budget["max_think"] = budget.get("max_think") or self.reasoning_efforts[reasoning_effort]
+            effort = self.reasoning_efforts[reasoning_effort]
+            if sampling.max_tokens is not None and self.llm.engine.think_ids is not None:
+                effort = max(1, min(effort, self.llm.engine.think_room(sampling.max_tokens)))  # max_tokens bounds it, as at OpenAI
+            budget["max_think"] = budget.get("max_think") or effort
         think = None
         if budget is not None:
             values = {k: _int_field(k, budget.get(k) or 0) for k in ("min_think", "max_think", "max_waits")}

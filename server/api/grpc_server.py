@@ -52,6 +52,7 @@ def _parse(frontend: Frontend, request: pb.GenerateRequest):
         seed=s.seed if s.HasField("seed") else None,
         max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
         stop=list(s.stop) or None,
+        stop_token_ids=list(s.stop_token_ids) or None,
     )
     if request.HasField("chat_template_kwargs"):
         kwargs["chat_template_kwargs"] = json_format.MessageToDict(request.chat_template_kwargs)

@@ -21,7 +21,7 @@ from .frontend import Frontend, StreamUsage
 from .usage import Usage
 
 BUDGET_FIELDS = ("min_think", "max_think", "max_waits", "wait_string", "answer_prefix")
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop", "stop_token_ids")
 KNOWN = {"model", "prompt", "messages", "stream", "stream_options", "n", "user", "request_id",
          *SAMPLING_FIELDS, *BUDGET_FIELDS, "max_completion_tokens", "chat_template_kwargs", "reasoning_effort"}
 OPEN_PATHS = ("/health", "/metrics")

@@ -181,6 +181,12 @@ class LLMEngine:
             )
         return ThinkState(budget, t.think_end, wait, answer_prefix, think_limit=limit), max_tokens
 
+    def think_room(self, max_tokens: int) -> int:
+        """The most thinking a budgeted request with this `max_tokens` may have (the template's
+        answer prefix): what the forced end and `min_answer_tokens` leave."""
+        t = self.think_ids
+        return max_tokens - len(t.think_end) - len(t.answer_prefix) - self.config.min_answer_tokens
+
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.sequences:
             raise DuplicateRequestError(seq.request_id)
