@@ -9,9 +9,11 @@ append instead, as phase-tagged segments, each marked sampled or forced:
 - a normal thinking token is appended as is;
 - the first token of `think_end` (or EOS) while `think_tokens < min_think` and Waits remain is
   discarded and the `wait` tokens are appended ("Wait": the model keeps thinking);
-- the first token of `think_end` otherwise ends thinking, and the engine completes the delimiter;
-  EOS in the think phase is treated the same way (the s1 loop stops thinking at EOS too and
-  then asks for the answer), so a budgeted reply always reaches its answer phase;
+- the first token of `think_end` otherwise ends thinking, and the engine completes the delimiter
+  (a natural end stays as the model wrote it: no answer prefix);
+- EOS in the think phase ends thinking too (the s1 loop stops thinking at EOS and then asks for
+  the answer); the model wrote no delimiter, so the engine appends `think_end + answer_prefix`
+  as at the cut, and a budgeted reply always reaches its answer phase;
 - reaching the think limit appends `think_end + answer_prefix` (the forced end). The limit is
   `max_think`, or less when `max_tokens` or the context would otherwise leave the answer no room.
 Catching the delimiter at its first token means it never reaches the client or the KV cache,
@@ -229,8 +231,9 @@ class ThinkState:
             segments = [Segment(Phase.THINK, self.wait[: self.think_limit - self.think_tokens], forced=True)]
         elif ends_thinking:  # the model's own end (or EOS, as in the s1 loop): complete the delimiter
             self.phase = Phase.ANSWER
-            if is_eos:
-                return [Segment(Phase.DELIMITER, self.think_end, forced=True)]
+            if is_eos:  # the model wrote no delimiter: the engine ends thinking as at the cut
+                return [s for s in (Segment(Phase.DELIMITER, self.think_end, forced=True),
+                                    Segment(Phase.ANSWER, self.answer_prefix, forced=True)) if s.token_ids]
             return [s for s in (Segment(Phase.DELIMITER, (sampled,), forced=False),
                                 Segment(Phase.DELIMITER, self.think_end[1:], forced=True)) if s.token_ids]
         else:

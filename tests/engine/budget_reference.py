@@ -6,9 +6,9 @@ delimiter (or EOS) with at most the remaining thinking budget; if thinking is st
 append "Wait" to the prompt and generate again with what is left of the budget; finally force the
 delimiter and the answer prefix and generate the answer. Every call re-prefills the whole prompt,
 which is exactly what the engine's in-loop version avoids. Differences from the s1 script, all
-from DESIGN.md: inserted Wait tokens count as thinking; a model that ends thinking on its own (its
-delimiter or EOS, where s1 stops too) gets the delimiter completed (no answer prefix) and then
-answers; `max_tokens` bounds all generated tokens and thinking is cut early enough that the
+from DESIGN.md: inserted Wait tokens count as thinking; a model that ends thinking with its own
+delimiter gets the delimiter completed (no answer prefix) and then answers, one that stops at EOS
+(where s1 stops too) gets the forced end (delimiter and answer prefix); `max_tokens` bounds all generated tokens and thinking is cut early enough that the
 forced end and a minimum answer fit in it.
 """
 
@@ -81,7 +81,9 @@ def s1_reference(
                 out += forced_end
                 break
             continue
-        out += list(think.think_end)  # the model ended thinking itself (delimiter or EOS): complete the delimiter
+        # The model ended thinking itself: its delimiter is completed; at EOS it wrote none, and
+        # the end is forced as at the cut (delimiter and answer prefix).
+        out += list(think.think_end) if stopped_at == think.think_end[0] else forced_end
         break
     tokens, stopped_at = greedy_until(model, prompt + out, max_tokens - len(out), eos, bias)  # the answer phase
     out += tokens + ([stopped_at] if stopped_at is not None else [])
