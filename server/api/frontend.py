@@ -170,6 +170,8 @@ class Frontend:
                 usage.num_waits, usage.think_end_forced = delta.num_waits, delta.think_end_forced
                 usage.completion_tokens = len(usage.token_ids)
                 usage.finish_reason = delta.finish_reason or ""
+                if delta.finished:  # before the last delta goes out: the fronts copy usage from it
+                    usage.total_time_s = now - start
                 yield delta
         except InvalidRequestError as exc:
             rejected = True  # make_sequence refused it: the engine never saw it
@@ -177,7 +179,7 @@ class Frontend:
             raise _renamed(exc) from None
         finally:
             if not rejected:
-                usage.total_time_s = time.perf_counter() - start
+                usage.total_time_s = usage.total_time_s or time.perf_counter() - start
                 usage.finish_reason = usage.finish_reason or "abort"  # the client left early
                 self._record(req, usage)
 

@@ -38,6 +38,7 @@ def test_unary_with_a_budget_matches_the_offline_engine(stub, make_llm, llama_di
 def test_stream_is_phase_tagged_with_events_and_final_usage(stub):
     messages = list(stub.GenerateStream(budgeted("Count to three.", max_think=5)))
     assert all(m.usage.completion_tokens == 0 for m in messages[:-1]) and messages[-1].usage.completion_tokens == 48
+    assert messages[-1].usage.total_time_s >= messages[-1].usage.time_to_first_token_s > 0  # set before the last message
     events = [e for m in messages for e in m.events]
     assert events == [pb.THINK_END_FORCED]
     phases = [m.phase for m in messages]
@@ -136,6 +137,10 @@ def test_health_is_serving_and_reflection_lists_the_service(server):
     [reply] = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for s in reply.list_services_response.service}
     assert {"s1serve.v1.Generation", "grpc.health.v1.Health"} <= names
+    # What grpcurl asks next: the service's file and the well-known file it imports (Struct).
+    for symbol in ("s1serve.v1.Generation", "google.protobuf.Struct"):
+        [reply] = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)]))
+        assert reply.file_descriptor_response.file_descriptor_proto, symbol
     channel.close()
 
 
