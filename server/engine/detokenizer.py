@@ -11,17 +11,19 @@ can emit them) decode to nothing instead of crashing.
 CONTEXT_TOKENS = 5
 
 
-def decode_known(tokenizer, token_ids, skip_special_tokens: bool = True) -> str:
-    """`tokenizer.decode` of the ids the tokenizer knows; unknown ids decode to nothing."""
-    size = len(tokenizer)
+def decode_known(tokenizer, token_ids, skip_special_tokens: bool = True, vocab_size: int | None = None) -> str:
+    """`tokenizer.decode` of the ids the tokenizer knows (`vocab_size`: len(tokenizer), when the
+    caller has it); unknown ids decode to nothing."""
+    size = len(tokenizer) if vocab_size is None else vocab_size
     return tokenizer.decode([t for t in token_ids if 0 <= t < size], skip_special_tokens=skip_special_tokens)
 
 
 class IncrementalDetokenizer:
     """One request's output tokens turned into text step by step (special tokens skipped)."""
 
-    def __init__(self, tokenizer, prompt_token_ids: list[int]):
+    def __init__(self, tokenizer, vocab_size: int, prompt_token_ids: list[int]):
         self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
         self.token_ids = list(prompt_token_ids[-CONTEXT_TOKENS:])  # context, then every output token
         self.prefix_offset = 0
         self.read_offset = len(self.token_ids)
@@ -33,8 +35,8 @@ class IncrementalDetokenizer:
         """
         self.token_ids += token_ids
         ids = self.token_ids
-        prefix_text = decode_known(self.tokenizer, ids[self.prefix_offset : self.read_offset])
-        new_text = decode_known(self.tokenizer, ids[self.prefix_offset :])
+        prefix_text = decode_known(self.tokenizer, ids[self.prefix_offset : self.read_offset], vocab_size=self.vocab_size)
+        new_text = decode_known(self.tokenizer, ids[self.prefix_offset :], vocab_size=self.vocab_size)
         if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
             return ""  # nothing printable yet, or a multi-byte character is still incomplete
         self.prefix_offset, self.read_offset = self.read_offset, len(ids)

@@ -38,10 +38,11 @@ class RequestState:
 class OutputProcessor:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)  # ids past it (extra embedding rows) decode to nothing
         self.requests: dict[str, RequestState] = {}
 
     def add(self, seq: Sequence) -> None:
-        detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, self.vocab_size, seq.prompt_token_ids)
         self.requests[seq.request_id] = RequestState(seq.request_id, seq.sampling.stop, detokenizer,
                                                      answer_started=seq.think is None or seq.think.phase is Phase.ANSWER)
 
@@ -64,7 +65,7 @@ class OutputProcessor:
             # Flush what thinking left pending, then keep the delimiter's text out of both phases.
             self._append_text(state, Phase.THINK, state.detokenizer.add((), final=True))
             state.detokenizer.add(segment.token_ids, final=True)
-            state.delimiter_text += decode_known(self.tokenizer, segment.token_ids, skip_special_tokens=False)
+            state.delimiter_text += decode_known(self.tokenizer, segment.token_ids, False, self.vocab_size)
             state.answer_started = True
             return
         if segment.phase is Phase.ANSWER:
