@@ -109,9 +109,14 @@ class EndpointBackend:
 
 
 def make_backend(spec: dict):
-    """A backend from a config mapping: `{engine: DIR, ...}` or `{endpoint: URL, model: NAME, ...}`."""
+    """A backend from a config mapping: `{engine: DIR, ...}`, `{endpoint: URL, model: NAME, ...}`
+    or `{procedural: arithmetic, slip_rate: ...}` (the offline teacher)."""
     spec = dict(spec)
     try:
+        if "procedural" in spec:
+            from .procedural_teacher import ProceduralTeacher
+
+            return ProceduralTeacher(spec.pop("procedural"), **spec)
         if "engine" in spec:
             return EngineBackend(spec.pop("engine"), **spec)
         if "endpoint" in spec:

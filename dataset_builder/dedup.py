@@ -144,32 +144,65 @@ class EvalSet:
     question_field: str = "question"
 
 
+def template_affixes(questions: list[list[str]], share: float) -> tuple[set, set]:
+    """Word prefixes and suffixes that at least `share` of the questions (and two of them) open
+    or close with: a generator's template ("state the final answer to the following arithmetic
+    problem"), which is boilerplate, not evidence of contamination."""
+    from collections import Counter
+
+    prefixes, suffixes = Counter(), Counter()
+    for tokens in questions:
+        prefixes.update(tuple(tokens[:k]) for k in range(1, len(tokens)))
+        suffixes.update(tuple(tokens[-k:]) for k in range(1, len(tokens)))
+    least = max(2, share * len(questions))
+    return {p for p, c in prefixes.items() if c >= least}, {q for q, c in suffixes.items() if c >= least}
+
+
+def strip_affixes(tokens: list[str], prefixes: set, suffixes: set) -> list[str]:
+    """`tokens` without the longest template prefix and suffix they carry."""
+    start = next((k for k in range(len(tokens) - 1, 0, -1) if tuple(tokens[:k]) in prefixes), 0)
+    end = next((k for k in range(len(tokens) - start - 1, 0, -1) if tuple(tokens[-k:]) in suffixes), 0)
+    return tokens[start : len(tokens) - end]
+
+
 @dataclass
 class Decontaminate:
-    """Drops every question sharing a word n-gram with an evaluation question."""
+    """Drops every question sharing a word n-gram with an evaluation question.
+
+    With `template_share` > 0, word prefixes and suffixes common to that share of an eval set's
+    questions are taken off both sides first, so templated generators (reasoning-gym) are compared
+    on what varies; a question whose rest is shorter than n then matches only an equal rest."""
 
     eval_sets: list[EvalSet]
     n: int = 8
+    template_share: float = 0.0
     num_proc: int | None = None
     dropped: list[Dropped] = field(default_factory=list)
 
     def __call__(self, data):
         index: dict[tuple[str, ...], str] = {}
+        prefixes, suffixes = set(), set()
         for spec in self.eval_sets:
             table = load_table(spec.path)
             if spec.question_field not in table.column_names:
                 raise InvalidConfigError(
                     f"decontaminate: {spec.path} has no field {spec.question_field!r}; it has {sorted(table.column_names)}"
                 )
-            for k, question in enumerate(table[spec.question_field]):
-                for gram in ngrams(words(question), self.n):
+            tokenized = [words(q) for q in table[spec.question_field]]
+            if self.template_share > 0:
+                pre, suf = template_affixes(tokenized, self.template_share)
+                prefixes, suffixes = prefixes | pre, suffixes | suf
+                tokenized = [strip_affixes(t, pre, suf) for t in tokenized]
+            for k, (question, tokens) in enumerate(zip(table[spec.question_field], tokenized)):
+                for gram in ngrams(tokens, self.n):
                     index.setdefault(gram, f"{spec.path}#{k}: {question[:80]}")
         n = self.n
 
         def find(batch: dict) -> dict:
             hits = []
             for question in batch["question"]:
-                hit = next((index[g] for g in ngrams(words(question), n) if g in index), "")
+                tokens = strip_affixes(words(question), prefixes, suffixes) if prefixes or suffixes else words(question)
+                hit = next((index[g] for g in ngrams(tokens, n) if g in index), "")
                 hits.append(hit)
             return {"_eval_hit": hits}
 

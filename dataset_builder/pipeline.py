@@ -82,7 +82,8 @@ def load_pipeline_config(path: str | Path, **overrides) -> PipelineConfig:
         return str(p if Path(p).is_absolute() else (base / p))
 
     try:
-        raw["sources"] = [SourceSpec(**{**s, "path": local(s["path"])}) for s in raw.get("sources") or []]
+        raw["sources"] = [SourceSpec(**{**s, **({"path": local(s["path"])} if s.get("path") else {})})
+                          for s in raw.get("sources") or []]
         raw["eval_sets"] = [EvalSet(**{**e, "path": local(e["path"])}) for e in raw.get("eval_sets") or []]
         return PipelineConfig(**raw)
     except (TypeError, KeyError) as exc:

@@ -48,9 +48,14 @@ S1_SOURCES = {
 
 @dataclass
 class SourceSpec:
-    """One source in a pipeline config."""
+    """One source in a pipeline config: a file (`path`) or a reasoning-gym generator
+    (`reasoning_gym: TASK` with `size`, `seed` and the generator's `task_config`)."""
 
-    path: str
+    path: str = ""
+    reasoning_gym: str = ""  # a reasoning-gym task name, instead of a path
+    size: int = 0
+    seed: int = 0
+    task_config: dict = field(default_factory=dict)
     name: str = ""  # a key of S1_SOURCES: its source_type and fields become the defaults
     source_type: str = ""
     fields: dict[str, str] = field(default_factory=dict)  # our field -> the source's field
@@ -60,6 +65,14 @@ class SourceSpec:
     split: str = "train"
 
     def __post_init__(self) -> None:
+        if bool(self.path) == bool(self.reasoning_gym):
+            raise InvalidConfigError("sources: each source has either a path or a reasoning_gym task")
+        if self.reasoning_gym:
+            if self.size < 1:
+                raise InvalidConfigError(f"sources: reasoning_gym {self.reasoning_gym}: size must be at least 1")
+            self.source_type = self.source_type or f"reasoning_gym/{self.reasoning_gym}"
+            self.fields = {"question": "question", "answer": "answer"}
+            return
         if self.name and self.name not in S1_SOURCES:
             raise InvalidConfigError(f"sources: unknown source name {self.name!r}; known: {sorted(S1_SOURCES)}")
         entry = S1_SOURCES.get(self.name)
@@ -83,6 +96,17 @@ def _text(value) -> str | None:
 
 def load_source(spec: SourceSpec):
     """One source as a Dataset in the pipeline's schema."""
+    if spec.reasoning_gym:
+        import datasets
+
+        from .reasoning_gym_source import rows
+
+        generated = rows(spec.reasoning_gym, spec.size, spec.seed, spec.task_config)
+        return datasets.Dataset.from_list([
+            {"question": r["question"], "solution": None, "answer": r["answer"], "source_type": spec.source_type,
+             "metadata": json.dumps({"task": r["task"], "entry": json.loads(r["metadata"])}), "trusted": spec.trusted}
+            for r in generated
+        ])
     data = load_table(spec.path, split=spec.split)
     missing = sorted({name for name in spec.fields.values() if name not in data.column_names})
     if missing:

@@ -44,7 +44,8 @@ def config_from_args(args: argparse.Namespace, config_cls):
 
 
 def resolve_model_dir(model: str | None) -> str:
-    if model:
+    """A model directory as given, or the embedded default model for None / "default"."""
+    if model and model != "default":
         return model
     from .models.default_model import default_model_dir
 

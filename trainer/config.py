@@ -16,7 +16,7 @@ OVERLONG_POLICIES = ("truncate", "drop")
 
 @dataclass
 class TrainConfig:
-    model: str = ""  # Hugging Face model directory to start from
+    model: str = ""  # Hugging Face model directory to start from; "default": the embedded SmolLM2-135M-Instruct
     dataset: str = ""  # s1K-schema data: a save_to_disk directory, a .parquet or a .jsonl file
     output_dir: str = ""  # where the trained Hugging Face directory is written
     think_format: str = "s1"  # a server ThinkTemplate name: "s1" or "r1"
@@ -25,6 +25,7 @@ class TrainConfig:
     attempt_field: str = ""  # empty: attempt (s1K) or deepseek_attempt (s1K-1.1)
     learning_rate: float = 1e-5
     num_epochs: float = 5.0
+    max_steps: int | None = None  # stop after this many optimizer steps (a short run); None: the epochs decide
     global_batch_size: int = 16  # per_device_batch_size x gradient accumulation x world size
     per_device_batch_size: int = 1
     warmup_ratio: float = 0.05  # linear warm-up, then cosine to 0
@@ -52,6 +53,8 @@ class TrainConfig:
                 raise InvalidConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if not self.learning_rate > 0 or not self.num_epochs > 0:
             raise InvalidConfigError("learning_rate and num_epochs: must be positive")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise InvalidConfigError(f"max_steps: must be at least 1, got {self.max_steps}")
         if not 0 <= self.warmup_ratio < 1:
             raise InvalidConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
 

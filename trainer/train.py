@@ -51,13 +51,16 @@ def build_trainer(config: TrainConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from server.cli import resolve_model_dir
+
+    model_dir = resolve_model_dir(config.model)
     data = load_s1k(config.dataset)
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     renderer = make_renderer(tokenizer, config, data.column_names)
     train_set, overlong = tokenize_dataset(data, renderer, config)
     bf16 = use_bf16(config)
 
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     # The server stops at EOS: make the end of an assistant turn one, or the trained model's
     # replies would run on past `<|im_end|>`.
     turn_end_ids = tokenizer.encode(renderer.turn_end, add_special_tokens=False)
@@ -69,6 +72,7 @@ def build_trainer(config: TrainConfig):
     args = SFTConfig(
         output_dir=config.output_dir,
         num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps or -1,
         per_device_train_batch_size=config.per_device_batch_size,
         learning_rate=config.learning_rate,
         lr_scheduler_type="cosine",

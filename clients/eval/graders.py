@@ -140,12 +140,31 @@ def code_grader(reply: str, reference: str, record: dict, timeout_s: float = 10.
     return result.returncode == 0
 
 
+def reasoning_gym_grader(reply: str, reference: str, record: dict) -> bool:
+    """A reasoning-gym task's own `score_answer` on the reply's final answer. The record names
+    the generator (`task`) and carries its entry `metadata` (a dict or its JSON), as
+    `dataset_builder.reasoning_gym_source.rows` writes them."""
+    import json
+
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise TaskError("the reasoning_gym grader needs the `reasoning-gym` package") from None
+    if not record.get("task"):
+        raise TaskError("the reasoning_gym grader needs a `task` field (the generator's name) in every record")
+    metadata = record.get("metadata") or {}
+    metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
+    entry = {"question": record.get("question", ""), "answer": reference, "metadata": metadata}
+    return reasoning_gym.get_score_answer_fn(record["task"])(answer=extract_final_answer(reply), entry=entry) >= 1.0
+
+
 GRADERS: dict[str, Grader] = {
     "math": math_grader,
     "multiple_choice": multiple_choice_grader,
     "exact": exact_grader,
     "normalized": normalized_grader,
     "code": code_grader,
+    "reasoning_gym": reasoning_gym_grader,
 }
 
 

@@ -41,6 +41,19 @@ def test_graders_on_tricky_cases(grader, reply, reference, expected):
     assert get_grader(grader)(reply, reference, {}) is expected
 
 
+def test_the_reasoning_gym_grader_is_the_tasks_own_scorer():
+    from dataset_builder.reasoning_gym_source import rows
+
+    [record] = rows("chain_sum", 1, 3, {"min_terms": 3, "max_terms": 3})
+    grade = get_grader("reasoning_gym")
+    record = {**record, "grader": "reasoning_gym"}
+    right, wrong = record["answer"], str(int(record["answer"]) + 1)
+    assert grade(f"\nAnswer: {right}", right, record) and grade(f"\nFinal Answer: {right}", right, record)
+    assert not grade(f"\nAnswer: {wrong}", right, record)
+    with pytest.raises(TaskError, match="task"):
+        grade("Answer: 1", "1", {"question": "q"})
+
+
 def test_code_that_loops_forever_fails_after_the_timeout():
     from clients.eval.graders import code_grader
 
