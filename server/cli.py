@@ -131,10 +131,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .api.serve import S1Server
 
     config = server_config(args)
-    engine_config = dataclasses.asdict(config_from_args(args, EngineConfig))
+    engine_config = dataclasses.asdict(config_from_args(args, EngineConfig))  # validated before the model loads
+    config.check_ports_free()
     server = S1Server(resolve_model_dir(args.model), config, engine_config)
-    uvloop.run(server.serve_forever())
-    return 0
+    return uvloop.run(server.serve_forever())
 
 
 def cmd_ask(args: argparse.Namespace) -> int:

@@ -59,6 +59,10 @@ class OverloadedError(S1ServeError):
         self.retry_after_s = retry_after_s
 
 
+class UnavailableError(S1ServeError):
+    """The server cannot take work now (UNAVAILABLE / 503): it is draining, or its engine died."""
+
+
 class DataError(InvalidConfigError):
     """A data file (a dataset source, a training set) is missing, unreadable or malformed; the
     message names the file, and the line where there is one."""

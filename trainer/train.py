@@ -81,6 +81,7 @@ def build_trainer(config: TrainConfig):
         adam_beta1=config.adam_beta1,
         adam_beta2=config.adam_beta2,
         bf16=bf16,
+        use_cpu=bf16 and not torch.cuda.is_available(),  # bf16 autocast on a CPU: transformers asks for it explicitly
         **checkpointing_args(SFTConfig, config.gradient_checkpointing),
         max_length=None,  # over-long samples were handled by our own policy above
         completion_only_loss=True,

@@ -1,6 +1,10 @@
 """Network-server settings; `s1serve serve` maps them 1:1 onto flags (engine settings are EngineConfig)."""
 
+import errno
+import socket
 from dataclasses import dataclass
+
+from ..errors import InvalidConfigError
 
 
 @dataclass
@@ -18,6 +22,35 @@ class ServerConfig:
     reasoning_effort_high: int = 4096
     drain_timeout_s: float = 30.0
     served_model_name: str | None = None  # default: the model directory's name
+
+    def __post_init__(self) -> None:
+        for name in ("grpc_port", "http_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise InvalidConfigError(f"{name}: {port} is not a TCP port (0-65535; 0 = any free port)")
+        if self.grpc_port and self.grpc_port == self.http_port:
+            raise InvalidConfigError(f"http_port: {self.http_port} is the gRPC port too")
+        for name in ("max_waiting_requests", "drain_timeout_s"):
+            if getattr(self, name) < 0:
+                raise InvalidConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for effort, value in self.reasoning_efforts.items():
+            if value < 1:
+                raise InvalidConfigError(f"reasoning_effort_{effort}: must be >= 1, got {value}")
+
+    def check_ports_free(self) -> None:
+        """Fail in one line before the model loads when a port is taken (no port sharing: two
+        servers on one port would split the traffic between two models)."""
+        for name in ("grpc_port", "http_port"):
+            port = getattr(self, name)
+            if not port:
+                continue
+            with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+                try:
+                    sock.bind((self.host, port))
+                except OSError as exc:
+                    why = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+                    raise InvalidConfigError(f"{name}: {self.host}:{port} {why}") from None
 
     @property
     def reasoning_efforts(self) -> dict[str, int]:

@@ -2,15 +2,15 @@
 metrics and log line, feedback, and the load report. Nothing invalid reaches the engine: every
 field is checked here or in `LLMEngine.make_sequence` (called before the request is queued)."""
 
-import itertools
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ..engine import AsyncLLM, SamplingParams, StepOutput, ThinkBudget
-from ..errors import InvalidRequestError, OverloadedError, RequestNotFoundError
+from ..errors import InvalidRequestError, OverloadedError, RequestNotFoundError, UnavailableError
 from .metrics import Metrics, think_bucket
 from .usage import Usage
 
@@ -55,8 +55,8 @@ class Frontend:
         self.model_name = model_name
         self.max_waiting = max_waiting
         self.reasoning_efforts = reasoning_efforts or {}  # OpenAI's reasoning_effort -> max_think
+        self.draining = False  # set by the drain: new work gets UNAVAILABLE / 503, not "overloaded"
         self.metrics = Metrics(model_name)
-        self._ids = itertools.count()
         # request id -> think tokens of finished requests, for feedback bucketing (bounded)
         self._finished: OrderedDict[str, int] = OrderedDict()
         self._feedback_memory = feedback_memory
@@ -124,7 +124,7 @@ class Frontend:
                 raise _renamed(exc) from None
         if request_id and not isinstance(request_id, str):
             raise InvalidRequestError("request_id", "must be a string")
-        return ParsedRequest(request_id or f"req-{next(self._ids)}", prompt, sampling, think)
+        return ParsedRequest(request_id or f"req-{uuid.uuid4().hex}", prompt, sampling, think)
 
     @staticmethod
     def _check_messages(messages) -> list[dict]:
@@ -139,6 +139,9 @@ class Frontend:
 
     # ---- serving --------------------------------------------------------------------------------
     def admit(self) -> None:
+        if self.draining:
+            self.metrics.rejected.labels(self.model_name, "draining").inc()
+            raise UnavailableError("the server is shutting down; retry on another replica")
         waiting = self.llm.num_waiting
         if waiting >= self.max_waiting:
             self.metrics.rejected.labels(self.model_name, "overloaded").inc()

@@ -6,7 +6,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ..errors import InvalidRequestError, OverloadedError, RequestNotFoundError, S1ServeError
+from ..errors import InvalidConfigError, InvalidRequestError, OverloadedError, RequestNotFoundError, S1ServeError, UnavailableError
 from .frontend import Frontend, StreamUsage
 from .usage import Usage
 from .v1 import generation_pb2 as pb
@@ -80,6 +80,8 @@ async def _abort_with(context, exc: Exception):
     if isinstance(exc, OverloadedError):
         context.set_trailing_metadata((("retry-after", f"{exc.retry_after_s:g}"),))
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, UnavailableError):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, RequestNotFoundError):
         await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: {exc.args[0]!r} is not a finished request")
     await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
@@ -162,17 +164,22 @@ def build_grpc_server(frontend: Frontend, address: str, api_key: str | None = No
                       tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """A server on `address` (port 0 = any free port) that is not started yet, its health servicer
     (set SERVING once warmed up), and the bound port."""
-    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    # No SO_REUSEPORT: a second server on the same port must fail, not share the traffic.
+    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.so_reuseport", 0)]
     interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
     server = grpc.aio.server(interceptors=interceptors, options=options)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(frontend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if tls:
-        port = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if tls:
+            port = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+        raise InvalidConfigError(f"grpc_port: {address} cannot be bound ({exc})") from None
     return server, health_servicer, port
 
 

@@ -16,7 +16,7 @@ import uuid
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..errors import InvalidRequestError, OverloadedError, RequestNotFoundError, S1ServeError
+from ..errors import InvalidRequestError, OverloadedError, RequestNotFoundError, S1ServeError, UnavailableError
 from .frontend import Frontend, StreamUsage
 from .usage import Usage
 
@@ -38,6 +38,8 @@ def to_http_error(exc: Exception) -> web.Response:
         return error_response(400, str(exc), "invalid_request_error", exc.field)
     if isinstance(exc, OverloadedError):
         return error_response(429, str(exc), "rate_limit_error", headers={"Retry-After": f"{exc.retry_after_s:g}"})
+    if isinstance(exc, UnavailableError):
+        return error_response(503, str(exc), "service_unavailable", headers={"Retry-After": "1"})
     if isinstance(exc, RequestNotFoundError):
         return error_response(404, f"request_id: {exc.args[0]!r} is not a finished request", "not_found_error", "request_id")
     return error_response(500, f"{type(exc).__name__}: {exc}", "server_error")
@@ -230,6 +232,8 @@ class HttpFront:
     async def health(self, request: web.Request) -> web.Response:
         if not self.ready:
             return web.json_response({"status": "starting"}, status=503)
+        if not self.frontend.llm.healthy():
+            return web.json_response({"status": "engine stopped" if self.frontend.llm.error else "engine stalled"}, status=503)
         return web.json_response({"status": "ok"})
 
     async def metrics(self, request: web.Request) -> web.Response:

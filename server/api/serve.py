@@ -64,7 +64,7 @@ class S1Server:
         """Drain: refuse new work, let in-flight requests finish, then stop everything."""
         await set_serving(self.health, False)
         self.http.ready = False
-        self.frontend.max_waiting = 0  # admission refuses from now on
+        self.frontend.draining = True  # admission refuses from now on
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.drain_timeout_s
         while self.llm.engine.has_unfinished() and loop.time() < deadline:
@@ -73,15 +73,38 @@ class S1Server:
         await self.runner.cleanup()
         self.llm.shutdown()
 
-    async def serve_forever(self) -> None:
+    async def watch_engine(self, stop: asyncio.Event, period_s: float = 1.0) -> None:
+        """Health follows the engine: a dead or stalled engine turns both probes NOT_SERVING; a
+        dead one also stops the server (exit code 1), so the orchestrator replaces the process."""
+        serving = True
+        while not stop.is_set():
+            healthy = self.llm.healthy()
+            if healthy != serving:
+                serving = healthy
+                await set_serving(self.health, healthy)
+                logger.error("engine %s", "healthy again" if healthy else "not healthy: health is NOT_SERVING")
+            if self.llm.error is not None:
+                self.exit_code = 1
+                stop.set()
+            await asyncio.sleep(period_s)
+
+    async def serve_forever(self) -> int:
+        """Serve until SIGTERM / SIGINT (then drain) or the engine dies; returns the exit code."""
         await self.start()
+        self.exit_code = 0
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        watchdog = asyncio.create_task(self.watch_engine(stop))
         await stop.wait()
-        logger.info("signal received: draining in-flight requests")
+        watchdog.cancel()
+        if self.exit_code:
+            logger.critical("the engine died (%r): stopping", self.llm.error)
+        else:
+            logger.info("signal received: draining in-flight requests")
         await self.stop()
+        return self.exit_code
 
 
 class BackgroundServer:

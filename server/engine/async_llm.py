@@ -6,17 +6,18 @@ cancelled or disconnected) aborts the request, which frees its KV blocks at the 
 """
 
 import asyncio
-import itertools
 import logging
 import queue
 import threading
+import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import EngineConfig
 from .engine import LLMEngine, Prompt
-from ..errors import DuplicateRequestError, RequestNotFoundError
+from ..errors import DuplicateRequestError, RequestNotFoundError, UnavailableError
 from .outputs import StepOutput
 from .params import SamplingParams, ThinkBudget
 from .sequence import Sequence
@@ -31,14 +32,24 @@ class _Stream:
 
 
 class AsyncLLM:
+    """If the engine loop itself fails, the engine is dead: every open and later request fails with
+    `UnavailableError`, and `healthy` turns false for good (the server then exits non-zero)."""
+
     def __init__(self, model_dir: str | Path, **config):
         self.engine = LLMEngine(model_dir, EngineConfig(**config))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", Sequence) | ("abort", id) | None
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
-        self._ids = itertools.count()
+        self.error: BaseException | None = None  # why the engine loop died; None while it lives
+        self.last_step = time.monotonic()  # when the loop last finished a step (or went idle)
         self._thread = threading.Thread(target=self._loop, name="s1serve-engine", daemon=True)
         self._thread.start()
+
+    def healthy(self, stall_s: float = 120.0) -> bool:
+        """The loop is alive, and it finished a step within `stall_s` or has nothing to do."""
+        if self.error is not None or not self._thread.is_alive():
+            return False
+        return not self.engine.has_unfinished() or time.monotonic() - self.last_step < stall_s
 
     async def generate(
         self,
@@ -47,10 +58,12 @@ class AsyncLLM:
         request_id: str | None = None,
         budget: ThinkBudget | None = None,
     ) -> AsyncIterator[StepOutput]:
-        request_id = request_id or f"req-{next(self._ids)}"
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
         seq = self.engine.make_sequence(request_id, prompt, sampling, budget)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
+            if self.error is not None:
+                raise UnavailableError(f"the engine has stopped: {self.error!r}")
             if request_id in self._streams:
                 raise DuplicateRequestError(request_id)
             self._streams[request_id] = stream
@@ -86,14 +99,25 @@ class AsyncLLM:
 
     # ---- engine thread --------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # the loop itself failed (not one step): the engine is dead
+            logger.critical("engine loop died; failing every request", exc_info=exc)
+            self._fail_all(UnavailableError(f"the engine has stopped: {exc!r}"), dead=exc)
+
+    def _run(self) -> None:
         while True:
             # Block for work when idle; otherwise take whatever arrived and keep stepping.
-            commands = [self._inbox.get()] if not self.engine.has_unfinished() else []
+            if not self.engine.has_unfinished():
+                commands = [self._inbox.get()]
+                self.last_step = time.monotonic()  # idle until now, not stalled
+            else:
+                commands = []
             while not self._inbox.empty():
                 commands.append(self._inbox.get_nowait())
             for command in commands:
                 if command is None:
-                    self._fail_all(RuntimeError("engine shut down"))
+                    self._fail_all(UnavailableError("the engine has shut down"), dead=RuntimeError("shut down"))
                     return
                 self._apply(*command)
             try:
@@ -104,13 +128,17 @@ class AsyncLLM:
                     self.engine.abort(request_id)
                 self._fail_all(exc)
                 continue
+            self.last_step = time.monotonic()
             for out in outputs:
                 self._publish(out)
 
     def _apply(self, kind: str, arg) -> None:
         if kind == "add":
             seq: Sequence = arg
-            self.engine.add_sequence(seq)
+            try:
+                self.engine.add_sequence(seq)
+            except Exception as exc:  # that request fails, the loop goes on
+                self._fail_one(seq.request_id, exc)
         else:
             try:
                 self._publish(self.engine.abort(arg))
@@ -125,8 +153,16 @@ class AsyncLLM:
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_one(self, request_id: str, exc: BaseException) -> None:
         with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+
+    def _fail_all(self, exc: BaseException, dead: BaseException | None = None) -> None:
+        with self._lock:
+            if dead is not None:
+                self.error = dead  # under the lock: no stream registers after this
             streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)

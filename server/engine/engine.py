@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 from ..errors import (
     DuplicateRequestError,
+    InvalidConfigError,
     EmptyPromptError,
     InvalidRequestError,
     InvalidSamplingParamError,
@@ -55,6 +56,9 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.model_dir = str(model_dir)
         self.model_config = ModelConfig.from_model_dir(model_dir)
+        positions = self.model_config.max_position_embeddings
+        if config.max_model_len and config.max_model_len > positions:
+            raise InvalidConfigError(f"max_model_len: {config.max_model_len} exceeds the model's {positions} positions (max_position_embeddings)")
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.runner = ModelRunner(self.model_dir, config, self.model_config)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)

@@ -39,11 +39,17 @@ class LLM:
             self.engine.make_sequence(f"llm-{next(self._ids)}", p, s, b) for p, s, b in zip(prompts, samplings, budgets)
         ]
         outputs = {s.request_id: RequestOutput(s.request_id, list(s.prompt_token_ids)) for s in seqs}
-        for seq in seqs:
-            self.engine.add_sequence(seq)
-        while self.engine.has_unfinished():
-            for delta in self.engine.step():
-                outputs[delta.request_id].add(delta)
+        try:
+            for seq in seqs:
+                self.engine.add_sequence(seq)
+            while self.engine.has_unfinished():
+                for delta in self.engine.step():
+                    outputs[delta.request_id].add(delta)
+        except BaseException:  # an exception or Ctrl-C: leave the engine as it was, ready for the next call
+            for seq in seqs:
+                if seq.request_id in self.engine.sequences:
+                    self.engine.abort(seq.request_id)
+            raise
         return [outputs[s.request_id] for s in seqs]
 
     def chat(

@@ -7,7 +7,9 @@ sequences whose last token was computed (a partial prefill chunk samples nothing
 
 import torch
 
+from ..errors import InvalidConfigError
 from ..models import ModelConfig, load_model
+from ..models.loader import safetensors_files
 from ..models.packed_linear import onednn_linear_available, pack_linears
 from ..models.paged_attention import AttentionMetadata, PrefillMetadata
 from .config import EngineConfig
@@ -21,7 +23,22 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidConfigError(f"device: {name} was asked for, but this torch sees no CUDA device (use --device cpu or auto)")
+    return device
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device`: free GPU memory, or MemAvailable on Linux."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: no check
+        return 2**62
 
 
 def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
@@ -45,19 +62,36 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, model_config, self.device)
         self.block_size = config.block_size
-        self.model = load_model(model_dir, self.dtype, self.device)
-        # fp32 on the CPU: oneDNN with weights packed once (pack_linears picks those layers); else torch's GEMM.
-        packed = onednn_linear_available() and pack_linears(self.model, config.max_num_seqs)
-        self.linear_backend = "onednn-packed" if packed else "torch"
         cfg = model_config
         kv_shape = (config.block_size, cfg.num_key_value_heads, cfg.head_dim)
         bytes_per_block = 2 * cfg.num_hidden_layers * kv_shape[0] * kv_shape[1] * kv_shape[2] * self.dtype.itemsize
         self.num_blocks = config.num_kv_blocks or self._blocks_for_memory(config, cfg, bytes_per_block)
+        self._check_memory(model_dir, config, self.num_blocks * bytes_per_block)  # before anything is allocated
+        self.model = load_model(model_dir, self.dtype, self.device)
+        # fp32 on the CPU: oneDNN with weights packed once (pack_linears picks those layers); else torch's GEMM.
+        packed = onednn_linear_available() and pack_linears(self.model, config.max_num_seqs)
+        self.linear_backend = "onednn-packed" if packed else "torch"
         # (k/v, layer, block, slot in block, kv head, head_dim)
         self.kv_cache = torch.zeros(
             (2, cfg.num_hidden_layers, self.num_blocks, *kv_shape), dtype=self.dtype, device=self.device
         )
         self.sampler = Sampler()
+
+    def _check_memory(self, model_dir: str, config: EngineConfig, kv_bytes: int) -> None:
+        """Refuse a KV pool that, with the weights, does not fit in what the device has free: the
+        alternative is an OOM kill with no message. Weights are estimated from the checkpoint
+        files (at least 2 bytes per stored parameter, scaled to the serving dtype)."""
+        from pathlib import Path
+
+        stored = sum(p.stat().st_size for p in safetensors_files(Path(model_dir)))
+        weights = stored * max(1.0, self.dtype.itemsize / 2)
+        free = available_memory(self.device)
+        if weights + kv_bytes > 0.9 * free:
+            flag = "num_kv_blocks" if config.num_kv_blocks else "kv_cache_gib"
+            raise InvalidConfigError(
+                f"{flag}: the KV cache needs {kv_bytes / 2**30:.1f} GiB and the weights about {weights / 2**30:.1f} GiB,"
+                f" but {self.device.type} has {free / 2**30:.1f} GiB free; lower --{flag.replace('_', '-')}"
+            )
 
     @staticmethod
     def _blocks_for_memory(config: EngineConfig, cfg: ModelConfig, bytes_per_block: int) -> int:

@@ -110,14 +110,15 @@ def test_cancelled_streams_free_their_blocks_and_spare_the_others(server, stub):
 
 def test_deadlines_abort_the_request(server, stub):
     with pytest.raises(grpc.RpcError) as err:
-        list(stub.GenerateStream(pb.GenerateRequest(prompt="slow", sampling=pb.SamplingOptions(max_tokens=400)),
+        list(stub.GenerateStream(pb.GenerateRequest(prompt="x", sampling=pb.SamplingOptions(temperature=0, max_tokens=400)),
                                  timeout=0.05))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert_all_blocks_free(server)
 
 
 def test_abort_by_request_id(server, stub):
-    request = pb.GenerateRequest(request_id="to-abort", prompt="x", sampling=pb.SamplingOptions(max_tokens=400))
+    # greedy "x" runs the whole 400 tokens on the tiny model, so the abort always finds it running
+    request = pb.GenerateRequest(request_id="to-abort", prompt="x", sampling=pb.SamplingOptions(temperature=0, max_tokens=400))
     stream = stub.GenerateStream(request)
     next(stream)
     reply = stub.Abort(pb.AbortRequest(request_ids=["to-abort", "unknown"]))
