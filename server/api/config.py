@@ -16,6 +16,7 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM files; both or neither
     tls_key: str | None = None
     max_waiting_requests: int = 256  # past this, RESOURCE_EXHAUSTED / 429
+    max_prompt_chars: int = 1_000_000  # a prompt (or all messages) longer than this is refused before tokenizing
     # OpenAI's reasoning_effort, mapped to max_think (a request's own max_think wins).
     reasoning_effort_low: int = 256
     reasoning_effort_medium: int = 1024
@@ -30,7 +31,7 @@ class ServerConfig:
                 raise InvalidConfigError(f"{name}: {port} is not a TCP port (0-65535; 0 = any free port)")
         if self.grpc_port and self.grpc_port == self.http_port:
             raise InvalidConfigError(f"http_port: {self.http_port} is the gRPC port too")
-        for name in ("max_waiting_requests", "drain_timeout_s"):
+        for name in ("max_waiting_requests", "drain_timeout_s", "max_prompt_chars"):
             if getattr(self, name) < 0:
                 raise InvalidConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for effort, value in self.reasoning_efforts.items():

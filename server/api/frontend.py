@@ -3,9 +3,11 @@ metrics and log line, feedback, and the load report. Nothing invalid reaches the
 field is checked here or in `LLMEngine.make_sequence` (called before the request is queued)."""
 
 import logging
+import math
 import time
 import uuid
 from collections import OrderedDict
+from contextlib import aclosing
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -34,24 +36,48 @@ class StreamUsage(Usage):
     token_ids: list[int] = field(default_factory=list)
 
 
-def _int_field(name: str, value, minimum: int = 0) -> int:
+# Bounds on what a request may carry, checked before anything is tokenized.
+MAX_INT = 2**31 - 1  # token counts and ids are int32 on the wire
+MAX_STOPS, MAX_STRING_CHARS = 64, 512  # stop strings; and each of them, wait_string, answer_prefix
+MAX_REQUEST_ID_CHARS = 128
+
+
+def _int_field(name: str, value, minimum: int = 0, maximum: int = MAX_INT) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequestError(name, f"must be an integer, got {value!r}")
-    if value < minimum:
-        raise InvalidRequestError(name, f"must be >= {minimum}, got {value}")
+    if not minimum <= value <= maximum:
+        raise InvalidRequestError(name, f"must be in [{minimum}, {maximum}], got {value}")
     return value
 
 
 def _float_field(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequestError(name, f"must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequestError(name, f"must be a finite number, got {value!r}")
     return float(value)
+
+
+def _string_field(name: str, value, max_chars: int = MAX_STRING_CHARS) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequestError(name, f"must be a string, got {type(value).__name__}")
+    if len(value) > max_chars:
+        raise InvalidRequestError(name, f"has {len(value):,} characters; at most {max_chars:,}")
+    return value
+
+
+def check_request_id(request_id) -> str:
+    """Client ids reach logs and metrics: printable ASCII without spaces, bounded."""
+    _string_field("request_id", request_id, MAX_REQUEST_ID_CHARS)
+    if not all(33 <= ord(c) < 127 for c in request_id):
+        raise InvalidRequestError("request_id", "may hold printable ASCII characters only (no spaces or control characters)")
+    return request_id
 
 
 class Frontend:
     def __init__(self, llm: AsyncLLM, model_name: str, max_waiting: int = 256,
-                 reasoning_efforts: dict[str, int] | None = None, feedback_memory: int = 100_000):
+                 reasoning_efforts: dict[str, int] | None = None, max_prompt_chars: int = 1_000_000,
+                 feedback_memory: int = 100_000):
         self.llm = llm
+        self.max_prompt_chars = max_prompt_chars  # prompt or messages, before tokenization
         self.model_name = model_name
         self.max_waiting = max_waiting
         self.reasoning_efforts = reasoning_efforts or {}  # OpenAI's reasoning_effort -> max_think
@@ -67,7 +93,10 @@ class Frontend:
         temperature=None, top_p=None, top_k=None, seed=None, max_tokens=None, stop=None, stop_token_ids=None,
         budget: dict | None = None, chat_template_kwargs: dict | None = None, reasoning_effort: str | None = None,
     ) -> ParsedRequest:
-        """Turn API fields into engine parameters; raises InvalidRequestError naming the field."""
+        """Turn API fields into engine parameters; raises InvalidRequestError naming the field.
+        Sizes are checked before anything is tokenized; the fronts call this off the event loop."""
+        if request_id:
+            check_request_id(request_id)
         if prompt is not None and messages is not None:
             raise InvalidRequestError("prompt", "give either prompt or messages, not both")
         if chat_template_kwargs is not None and messages is None:
@@ -75,11 +104,17 @@ class Frontend:
         if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
             raise InvalidRequestError("chat_template_kwargs", "must be an object")
         if messages is not None:
-            prompt = self.llm.engine.render_chat(self._check_messages(messages), chat_template_kwargs)
-        if prompt is None:
+            messages = self._check_messages(messages)
+            size = sum(len(m["content"]) for m in messages)
+            if size > self.max_prompt_chars:
+                raise InvalidRequestError("messages", f"hold {size:,} characters; at most {self.max_prompt_chars:,} (--max-prompt-chars)")
+            prompt = self.llm.engine.render_chat(messages, chat_template_kwargs)
+        elif prompt is None:
             raise InvalidRequestError("prompt", "is required (or messages)")
-        if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
+        elif not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
             raise InvalidRequestError("prompt", "must be a string or a list of token ids")
+        elif len(prompt) > self.max_prompt_chars:
+            raise InvalidRequestError("prompt", f"has {len(prompt):,} characters or tokens; at most {self.max_prompt_chars:,} (--max-prompt-chars)")
         kwargs = {}
         if temperature is not None:
             kwargs["temperature"] = _float_field("temperature", temperature)
@@ -95,14 +130,16 @@ class Frontend:
             stop = [stop] if isinstance(stop, str) else stop
             if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
                 raise InvalidRequestError("stop", "must be a string or a list of strings")
-            kwargs["stop"] = tuple(stop)
+            if len(stop) > MAX_STOPS:
+                raise InvalidRequestError("stop", f"has {len(stop)} strings; at most {MAX_STOPS}")
+            kwargs["stop"] = tuple(_string_field("stop", s) for s in stop)
         if stop_token_ids is not None:
-            if not isinstance(stop_token_ids, list):
-                raise InvalidRequestError("stop_token_ids", "must be a list of token ids")
+            if not isinstance(stop_token_ids, list) or len(stop_token_ids) > MAX_STOPS:
+                raise InvalidRequestError("stop_token_ids", f"must be a list of at most {MAX_STOPS} token ids")
             kwargs["stop_token_ids"] = tuple(_int_field("stop_token_ids", t) for t in stop_token_ids)
         sampling = SamplingParams(**kwargs)
         if reasoning_effort:
-            if reasoning_effort not in self.reasoning_efforts:
+            if not isinstance(reasoning_effort, str) or reasoning_effort not in self.reasoning_efforts:
                 raise InvalidRequestError("reasoning_effort", f"must be one of {', '.join(self.reasoning_efforts)}, got {reasoning_effort!r}")
             budget = dict(budget or {})
             effort = self.reasoning_efforts[reasoning_effort]
@@ -111,19 +148,18 @@ class Frontend:
             budget["max_think"] = budget.get("max_think") or effort
         think = None
         if budget is not None:
-            values = {k: _int_field(k, budget.get(k) or 0) for k in ("min_think", "max_think", "max_waits")}
+            values = {k: _int_field(k, budget[k]) if budget.get(k) is not None else 0
+                      for k in ("min_think", "max_think", "max_waits")}
             strings = {}
             for name, key, empty_is_unset in (("wait_string", "wait", True), ("answer_prefix", "answer_prefix", False)):
                 value = budget.get(name)
-                if value is not None and not isinstance(value, str):
-                    raise InvalidRequestError(name, "must be a string")
+                if value is not None:
+                    _string_field(name, value)
                 strings[key] = (value or None) if empty_is_unset else value
             try:
                 think = ThinkBudget(**{k: v or None for k, v in values.items()}, **strings)
             except InvalidRequestError as exc:
                 raise _renamed(exc) from None
-        if request_id and not isinstance(request_id, str):
-            raise InvalidRequestError("request_id", "must be a string")
         return ParsedRequest(request_id or f"req-{uuid.uuid4().hex}", prompt, sampling, think)
 
     @staticmethod
@@ -155,27 +191,11 @@ class Frontend:
         start = last = time.perf_counter()
         rejected = False
         try:
-            async for delta in self.llm.generate(req.prompt, req.sampling, req.request_id, req.budget):
-                now = time.perf_counter()
-                if delta.new_token_ids:
-                    if not usage.token_ids:
-                        usage.time_to_first_token_s = now - start
-                        m.ttft.labels(model).observe(now - start)
-                    else:
-                        m.itl.labels(model, delta.phase).observe(now - last)
-                    if delta.answer_tokens and not usage.time_to_first_answer_token_s and req.budget is not None:
-                        usage.time_to_first_answer_token_s = now - start
-                        m.ttfat.labels(model).observe(now - start)
-                    last = now
-                usage.token_ids += delta.new_token_ids
-                usage.prompt_tokens, usage.cached_prompt_tokens = delta.num_prompt_tokens, delta.num_cached_tokens
-                usage.think_tokens, usage.answer_tokens = delta.think_tokens, delta.answer_tokens
-                usage.num_waits, usage.think_end_forced = delta.num_waits, delta.think_end_forced
-                usage.completion_tokens = len(usage.token_ids)
-                usage.finish_reason = delta.finish_reason or ""
-                if delta.finished:  # before the last delta goes out: the fronts copy usage from it
-                    usage.total_time_s = now - start
-                yield delta
+            # aclosing: when our caller stops early (a client left), the engine request is aborted now.
+            async with aclosing(self.llm.generate(req.prompt, req.sampling, req.request_id, req.budget)) as deltas:
+                async for delta in deltas:
+                    last = self._observe(delta, req, usage, start, last)
+                    yield delta
         except InvalidRequestError as exc:
             rejected = True  # make_sequence refused it: the engine never saw it
             m.rejected.labels(model, "invalid").inc()
@@ -185,6 +205,30 @@ class Frontend:
                 usage.total_time_s = usage.total_time_s or time.perf_counter() - start
                 usage.finish_reason = usage.finish_reason or "abort"  # the client left early
                 self._record(req, usage)
+
+    def _observe(self, delta: StepOutput, req: ParsedRequest, usage: StreamUsage, start: float, last: float) -> float:
+        """Latency metrics and usage for one delta; returns when its tokens arrived (or `last`)."""
+        m, model = self.metrics, self.model_name
+        now = time.perf_counter()
+        if delta.new_token_ids:
+            if not usage.token_ids:
+                usage.time_to_first_token_s = now - start
+                m.ttft.labels(model).observe(now - start)
+            else:
+                m.itl.labels(model, delta.phase).observe(now - last)
+            if delta.answer_tokens and not usage.time_to_first_answer_token_s and req.budget is not None:
+                usage.time_to_first_answer_token_s = now - start
+                m.ttfat.labels(model).observe(now - start)
+            last = now
+        usage.token_ids += delta.new_token_ids
+        usage.prompt_tokens, usage.cached_prompt_tokens = delta.num_prompt_tokens, delta.num_cached_tokens
+        usage.think_tokens, usage.answer_tokens = delta.think_tokens, delta.answer_tokens
+        usage.num_waits, usage.think_end_forced = delta.num_waits, delta.think_end_forced
+        usage.completion_tokens = len(usage.token_ids)
+        usage.finish_reason = delta.finish_reason or ""
+        if delta.finished:  # before the last delta goes out: the fronts copy usage from it
+            usage.total_time_s = now - start
+        return last
 
     def _record(self, req: ParsedRequest, usage: StreamUsage) -> None:
         m, model = self.metrics, self.model_name

@@ -1,6 +1,8 @@
 """The gRPC front (`s1serve.v1.Generation`) on grpc.aio, with the standard health service
 (NOT_SERVING until the model is loaded and warmed), server reflection and optional API-key auth."""
 
+import asyncio
+
 import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -96,7 +98,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         parts = {"text": [], "think": [], "answer": []}
         forced = []
         try:
-            req = _parse(self.frontend, request)
+            req = await asyncio.to_thread(_parse, self.frontend, request)
             async for delta in self.frontend.stream(req, usage):
                 parts["text"].append(delta.new_text)
                 parts["think"].append(delta.think_text)
@@ -112,7 +114,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def GenerateStream(self, request, context):
         usage = StreamUsage()
         try:
-            req = _parse(self.frontend, request)
+            req = await asyncio.to_thread(_parse, self.frontend, request)
             async for delta in self.frontend.stream(req, usage):
                 deltas = [pb.TextDelta(phase=p, text=t)
                           for p, t in ((pb.PHASE_THINK, delta.think_text), (pb.PHASE_ANSWER, delta.answer_text)) if t]

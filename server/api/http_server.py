@@ -9,7 +9,9 @@ never both, and its length as `usage.completion_tokens_details.reasoning_tokens`
 `openai` SDK works unchanged (`extra_body`). `chat_template_kwargs` reach the chat template.
 """
 
+import asyncio
 import json
+import logging
 import time
 import uuid
 
@@ -25,6 +27,7 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop"
 KNOWN = {"model", "prompt", "messages", "stream", "stream_options", "n", "user", "request_id",
          *SAMPLING_FIELDS, *BUDGET_FIELDS, "max_completion_tokens", "chat_template_kwargs", "reasoning_effort"}
 OPEN_PATHS = ("/health", "/metrics")
+logger = logging.getLogger(__name__)
 
 
 def error_response(status: int, message: str, kind: str, param: str | None = None,
@@ -43,6 +46,18 @@ def to_http_error(exc: Exception) -> web.Response:
     if isinstance(exc, RequestNotFoundError):
         return error_response(404, f"request_id: {exc.args[0]!r} is not a finished request", "not_found_error", "request_id")
     return error_response(500, f"{type(exc).__name__}: {exc}", "server_error")
+
+
+async def read_json(request: web.Request):
+    """The body as JSON, or a 400 naming what is wrong with it (never a 500)."""
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequestError("body", "is not valid JSON") from None
+    except RecursionError:
+        raise InvalidRequestError("body", "is nested too deeply") from None
+    except LookupError:
+        raise InvalidRequestError("body", f"has an unknown charset {request.charset!r}") from None
 
 
 def usage_json(u: Usage) -> dict:
@@ -89,10 +104,7 @@ class HttpFront:
             return to_http_error(exc)
 
     async def _body(self, request: web.Request) -> dict:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InvalidRequestError("body", "is not valid JSON") from None
+        body = await read_json(request)
         if not isinstance(body, dict):
             raise InvalidRequestError("body", "must be a JSON object")
         unknown = sorted(set(body) - KNOWN)
@@ -105,6 +117,9 @@ class HttpFront:
             raise InvalidRequestError("model", f"{model!r} is not served here; this server serves {self.frontend.model_name!r}")
         if not isinstance(body.get("stream", False), bool):
             raise InvalidRequestError("stream", "must be a boolean")
+        options = body.get("stream_options")
+        if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)):
+            raise InvalidRequestError("stream_options", 'must be an object like {"include_usage": true}')
         return body
 
     def _parse(self, body: dict, kind: str, prefix: str):
@@ -132,7 +147,8 @@ class HttpFront:
     async def _serve(self, request: web.Request, obj: str) -> web.StreamResponse:
         body = await self._body(request)
         chat = obj == "chat.completion"
-        req = self._parse(body, "chat" if chat else "text", "chatcmpl" if chat else "cmpl")
+        # Rendering and size checks off the event loop: a huge prompt must not stall other streams.
+        req = await asyncio.to_thread(self._parse, body, "chat" if chat else "text", "chatcmpl" if chat else "cmpl")
         budgeted = req.budget is not None
         usage = StreamUsage()
         created = int(time.time())
@@ -180,8 +196,6 @@ class HttpFront:
             async for d in iterator:
                 yield d
 
-        if chat:
-            await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
         async def send_text(reasoning: str, content: str, finish: str | None) -> None:
             if chat:
                 delta = {"reasoning_content": reasoning, "reasoning": reasoning} if reasoning else {"content": content}
@@ -190,19 +204,26 @@ class HttpFront:
                 await send({"index": 0, "text": content, "reasoning_content": reasoning or None,
                             "reasoning": reasoning or None, "logprobs": None, "finish_reason": finish})
 
-        async for d in deltas():
-            content = d.answer_text if budgeted else d.new_text
-            reasoning = d.think_text if budgeted else ""
-            finish = d.finish_reason if d.finished else None
-            # A chunk carries reasoning or content, never both (a step may span the phase change).
-            if reasoning:
-                await send_text(reasoning, "", None if content else finish)
-            if content or (finish and not reasoning):
-                await send_text("", content, finish)
-        if include_usage:
-            await send({}, with_usage=True)
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        try:
+            if chat:
+                await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            async for d in deltas():
+                content = d.answer_text if budgeted else d.new_text
+                reasoning = d.think_text if budgeted else ""
+                finish = d.finish_reason if d.finished else None
+                # A chunk carries reasoning or content, never both (a step may span the phase change).
+                if reasoning:
+                    await send_text(reasoning, "", None if content else finish)
+                if content or (finish and not reasoning):
+                    await send_text("", content, finish)
+            if include_usage:
+                await send({}, with_usage=True)
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:  # the client left mid-stream
+            logger.info("client of %s disconnected; request aborted", req.request_id)
+        finally:
+            await iterator.aclose()  # a stream left early aborts its request (AsyncLLM.generate)
         return response
 
     async def models(self, request: web.Request) -> web.Response:
@@ -214,10 +235,7 @@ class HttpFront:
         }]})
 
     async def feedback(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InvalidRequestError("body", "is not valid JSON") from None
+        body = await read_json(request)
         if not isinstance(body, dict) or not isinstance(body.get("request_id"), str):
             raise InvalidRequestError("request_id", "is required")
         outcome = body.get("outcome")

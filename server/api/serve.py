@@ -33,7 +33,7 @@ class S1Server:
         cfg = self.config
         self.llm = AsyncLLM(self.model_dir, **self.engine_config)
         name = cfg.served_model_name or Path(self.model_dir).name
-        self.frontend = Frontend(self.llm, name, cfg.max_waiting_requests, cfg.reasoning_efforts)
+        self.frontend = Frontend(self.llm, name, cfg.max_waiting_requests, cfg.reasoning_efforts, cfg.max_prompt_chars)
         tls = None
         if cfg.tls_cert or cfg.tls_key:
             tls = (Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())
@@ -43,7 +43,8 @@ class S1Server:
         await set_serving(self.health, False)
         await self.grpc.start()
         self.http = HttpFront(self.frontend, cfg.api_key)
-        self.runner = web.AppRunner(self.http.app, access_log=None)
+        # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
+        self.runner = web.AppRunner(self.http.app, access_log=None, handler_cancellation=True)
         await self.runner.setup()
         ssl_context = None
         if tls:
@@ -67,8 +68,13 @@ class S1Server:
         self.frontend.draining = True  # admission refuses from now on
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.drain_timeout_s
-        while self.llm.engine.has_unfinished() and loop.time() < deadline:
+        while self.llm.engine.has_unfinished() and loop.time() < deadline and self.llm.error is None:
             await asyncio.sleep(0.05)
+        if self.llm.engine.has_unfinished() and self.llm.error is None:  # the drain timed out: end what is left, on both fronts
+            logger.warning("drain timeout (%g s): aborting the requests still running", self.config.drain_timeout_s)
+            self.llm.abort_all()
+            while self.llm.engine.has_unfinished() and loop.time() < deadline + 5:
+                await asyncio.sleep(0.05)
         await self.grpc.stop(grace=1.0)
         await self.runner.cleanup()
         self.llm.shutdown()

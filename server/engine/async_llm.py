@@ -59,7 +59,8 @@ class AsyncLLM:
         budget: ThinkBudget | None = None,
     ) -> AsyncIterator[StepOutput]:
         request_id = request_id or f"req-{uuid.uuid4().hex}"
-        seq = self.engine.make_sequence(request_id, prompt, sampling, budget)
+        # Tokenizing (and chat rendering before it) runs off the event loop: other streams go on.
+        seq = await asyncio.to_thread(self.engine.make_sequence, request_id, prompt, sampling, budget)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if self.error is not None:
@@ -92,6 +93,10 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         """Ask the engine to drop a request; it is freed before the next step runs."""
         self._inbox.put(("abort", request_id))
+
+    def abort_all(self) -> None:
+        """Drop every request (the end of a drain); their streams end with finish_reason abort."""
+        self._inbox.put(("abort_all", None))
 
     def shutdown(self) -> None:
         self._inbox.put(None)
@@ -140,10 +145,11 @@ class AsyncLLM:
             except Exception as exc:  # that request fails, the loop goes on
                 self._fail_one(seq.request_id, exc)
         else:
-            try:
-                self._publish(self.engine.abort(arg))
-            except RequestNotFoundError:
-                pass  # already finished
+            for request_id in list(self.engine.sequences) if kind == "abort_all" else [arg]:
+                try:
+                    self._publish(self.engine.abort(request_id))
+                except RequestNotFoundError:
+                    pass  # already finished
 
     def _publish(self, item: StepOutput) -> None:
         with self._lock:

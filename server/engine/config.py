@@ -13,6 +13,7 @@ class EngineConfig:
     kv_cache_gib: float = 2.0  # memory for the KV pool when num_kv_blocks is not given
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 2048  # tokens computed per engine step (prefill chunks + decodes)
+    long_prefill_token_threshold: int = 512  # a prompt's tokens per step at most (0: no cap): short requests go beside it
     max_model_len: int | None = None  # prompt + output; None = the model's max_position_embeddings
     enable_prefix_caching: bool = True
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto = float32 on CPU, the checkpoint's on CUDA
@@ -27,6 +28,8 @@ class EngineConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise InvalidConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.long_prefill_token_threshold < 0:
+            raise InvalidConfigError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise InvalidConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_gib <= 0:

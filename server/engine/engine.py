@@ -62,7 +62,8 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.runner = ModelRunner(self.model_dir, config, self.model_config)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.long_prefill_token_threshold)
         self.output = OutputProcessor(self.tokenizer)
         context = context_len(config, self.model_config)
         pool = self.runner.num_blocks * config.block_size
@@ -150,6 +151,8 @@ class LLMEngine:
                 raise InvalidRequestError("wait", f"{budget.wait!r} tokenizes to nothing")
             if wait[0] == t.think_end[0]:
                 raise InvalidRequestError("wait", "must not start with the think_end delimiter")
+            if self.eos_token_ids & set(wait):
+                raise InvalidRequestError("wait", "must not contain the end-of-sequence token (it would end the reply)")
         answer_prefix = t.answer_prefix if budget.answer_prefix is None else encode_plain(self.tokenizer, budget.answer_prefix)
         if not thinking:
             if budget.min_think:

@@ -1,6 +1,8 @@
 """Continuous batching: decide, every step, which sequences compute how many tokens.
 
-Policy (vLLM v1 style, one token budget per step, no separate prefill/decode phases):
+Policy (vLLM v1 style, one token budget per step, no separate prefill/decode phases; one sequence
+gets at most `long_prefill_token_threshold` tokens a step, so short requests are not queued
+behind a long prompt's prefill):
 1. Running sequences first, oldest first: each gets the tokens it still lacks (1 for a decode,
    the rest of its prompt for a chunked prefill), capped by the remaining token budget.
    If the KV pool cannot hold them, the newest running sequence is preempted by recompute
@@ -29,10 +31,14 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 long_prefill_token_threshold: int = 0):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # At most this many tokens of one sequence per step (0: no cap), so a long prompt is
+        # prefilled in chunks beside other work instead of holding the whole step budget.
+        self.chunk_cap = long_prefill_token_threshold or max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -51,7 +57,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget, self.chunk_cap)
             while not self.blocks.append_slots(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -67,7 +73,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             cached = self.blocks.find_cached_prefix(seq)
-            n = min(seq.num_tokens - len(cached) * self.blocks.block_size, budget)
+            n = min(seq.num_tokens - len(cached) * self.blocks.block_size, budget, self.chunk_cap)
             if not self.blocks.allocate(seq, cached, n):
                 break
             if seq.num_preemptions == 0:
