@@ -64,6 +64,17 @@ def _string_field(name: str, value, max_chars: int = MAX_STRING_CHARS) -> str:
     return value
 
 
+def _logit_bias(value) -> dict[int, float]:
+    """OpenAI's form: token ids (JSON object keys are strings) -> a bias in [-100, 100]."""
+    if not isinstance(value, dict) or len(value) > 1024:
+        raise InvalidRequestError("logit_bias", "must be an object of at most 1024 token ids -> bias")
+    bias = {}
+    for key, b in value.items():
+        token = int(key) if isinstance(key, str) and key.isdigit() else key
+        bias[_int_field("logit_bias", token)] = _float_field("logit_bias", b)
+    return bias
+
+
 def check_request_id(request_id) -> str:
     """Client ids reach logs and metrics: printable ASCII without spaces, bounded."""
     _string_field("request_id", request_id, MAX_REQUEST_ID_CHARS)
@@ -91,6 +102,7 @@ class Frontend:
     def parse(
         self, *, request_id: str = "", prompt: Prompt | None = None, messages: list[dict] | None = None,
         temperature=None, top_p=None, top_k=None, seed=None, max_tokens=None, stop=None, stop_token_ids=None,
+        logit_bias: dict | None = None,
         budget: dict | None = None, chat_template_kwargs: dict | None = None, reasoning_effort: str | None = None,
     ) -> ParsedRequest:
         """Turn API fields into engine parameters; raises InvalidRequestError naming the field.
@@ -137,6 +149,8 @@ class Frontend:
             if not isinstance(stop_token_ids, list) or len(stop_token_ids) > MAX_STOPS:
                 raise InvalidRequestError("stop_token_ids", f"must be a list of at most {MAX_STOPS} token ids")
             kwargs["stop_token_ids"] = tuple(_int_field("stop_token_ids", t) for t in stop_token_ids)
+        if logit_bias is not None:
+            kwargs["logit_bias"] = _logit_bias(logit_bias)
         sampling = SamplingParams(**kwargs)
         if reasoning_effort:
             if not isinstance(reasoning_effort, str) or reasoning_effort not in self.reasoning_efforts:

@@ -55,6 +55,7 @@ def _parse(frontend: Frontend, request: pb.GenerateRequest):
         max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
         stop=list(s.stop) or None,
         stop_token_ids=list(s.stop_token_ids) or None,
+        logit_bias=dict(s.logit_bias) or None,
     )
     if request.HasField("chat_template_kwargs"):
         kwargs["chat_template_kwargs"] = json_format.MessageToDict(request.chat_template_kwargs)

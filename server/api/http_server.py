@@ -24,8 +24,20 @@ from .usage import Usage
 
 BUDGET_FIELDS = ("min_think", "max_think", "max_waits", "wait_string", "answer_prefix")
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop", "stop_token_ids")
-KNOWN = {"model", "prompt", "messages", "stream", "stream_options", "n", "user", "request_id",
-         *SAMPLING_FIELDS, *BUDGET_FIELDS, "max_completion_tokens", "chat_template_kwargs", "reasoning_effort"}
+# OpenAI fields we do not implement, with the values that ask for nothing (what frameworks such as
+# LangChain, LiteLLM and evaluation harnesses send by default). Any other value is a 400 naming it.
+NEUTRAL = {
+    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False, None), "top_logprobs": (0, None),
+    "response_format": ({"type": "text"}, None), "tools": ([], None), "tool_choice": ("none", "auto", None),
+    "parallel_tool_calls": (True, False, None), "store": (False, None), "service_tier": ("auto", "default", None),
+    "modalities": (["text"], None), "prediction": (None,), "audio": (None,), "web_search_options": (None,),
+    "functions": ([], None), "function_call": ("none", "auto", None),
+    "echo": (False, None), "best_of": (1, None), "suffix": (None, ""),  # completions
+}
+FREE_FORM = {"metadata", "user"}  # accepted whatever they hold: they change nothing here
+KNOWN = {"model", "prompt", "messages", "stream", "stream_options", "n", "request_id", "logit_bias",
+         *SAMPLING_FIELDS, *BUDGET_FIELDS, *NEUTRAL, *FREE_FORM,
+         "max_completion_tokens", "chat_template_kwargs", "reasoning_effort"}
 OPEN_PATHS = ("/health", "/metrics")
 logger = logging.getLogger(__name__)
 
@@ -46,6 +58,11 @@ def to_http_error(exc: Exception) -> web.Response:
     if isinstance(exc, RequestNotFoundError):
         return error_response(404, f"request_id: {exc.args[0]!r} is not a finished request", "not_found_error", "request_id")
     return error_response(500, f"{type(exc).__name__}: {exc}", "server_error")
+
+
+def _is_neutral(value, allowed: tuple) -> bool:
+    """`value` is one of `allowed` (0 and 0.0 alike, but False is not 0)."""
+    return any(value == a and (type(value) is type(a) or {type(value), type(a)} <= {int, float}) for a in allowed)
 
 
 async def read_json(request: web.Request):
@@ -110,6 +127,9 @@ class HttpFront:
         unknown = sorted(set(body) - KNOWN)
         if unknown:
             raise InvalidRequestError(unknown[0], "is not a supported field")
+        for name, neutral in NEUTRAL.items():
+            if name in body and not _is_neutral(body[name], neutral):
+                raise InvalidRequestError(name, f"is not implemented; only {', '.join(json.dumps(v) for v in neutral)} accepted")
         if body.get("n", 1) != 1:
             raise InvalidRequestError("n", "only n=1 is supported")
         model = body.get("model")
@@ -126,6 +146,8 @@ class HttpFront:
         sampling = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
         if body.get("max_completion_tokens") is not None:
             sampling["max_tokens"] = body["max_completion_tokens"]
+        if body.get("logit_bias") is not None:
+            sampling["logit_bias"] = body["logit_bias"]
         budget = {k: body[k] for k in BUDGET_FIELDS if k in body}
         request_id = body.get("request_id") or f"{prefix}-{uuid.uuid4().hex[:24]}"
         common = dict(request_id=request_id, budget=budget or None, reasoning_effort=body.get("reasoning_effort"),

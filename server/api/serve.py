@@ -59,7 +59,12 @@ class S1Server:
             pass
         await set_serving(self.health, True)
         self.http.ready = True
-        logger.info("serving %s: gRPC on %s:%d, HTTP on %s:%d", name, cfg.host, self.grpc_port, cfg.host, self.http_port)
+        engine = self.llm.engine
+        template = engine.think_template.name if engine.think_template else "none"
+        # Printed whatever the log level: an operator sees where it listens and that it is ready.
+        print(f"s1serve: ready: {name} ({engine.model_config.model_type} on {engine.runner.device}/{engine.runner.dtype},"
+              f" max_model_len {engine.max_model_len}, think template {template}); gRPC {cfg.host}:{self.grpc_port},"
+              f" HTTP {cfg.host}:{self.http_port}", flush=True)
 
     async def stop(self) -> None:
         """Drain: refuse new work, let in-flight requests finish, then stop everything."""

@@ -5,6 +5,7 @@ import urllib.error
 import urllib.request
 
 import openai
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.engine import SamplingParams, ThinkBudget
@@ -98,3 +99,30 @@ def test_a_dropped_sse_client_frees_its_blocks(server):
     next(iter(stream))
     stream.close()
     assert_all_blocks_free(server)
+
+
+def test_openai_fields_at_their_neutral_values_are_accepted_and_others_named(server):
+    neutral = dict(presence_penalty=0, frequency_penalty=0.0, logprobs=False, response_format={"type": "text"},
+                   extra_body={"tools": [], "metadata": {"run": "eval-7"}, "store": False, "tool_choice": "none"})
+    reply = client(server).chat.completions.create(model="llama0", messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=4, temperature=0, **neutral)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    for field, value in (("presence_penalty", 0.5), ("logprobs", True), ("response_format", {"type": "json_object"}),
+                         ("store", True), ("n_best", 1)):
+        with pytest.raises(openai.BadRequestError) as err:
+            client(server).chat.completions.create(model="llama0", messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=4, extra_body={field: value})
+        assert err.value.body["param"] == field
+
+
+def test_logit_bias_reaches_the_sampler_on_both_fronts(server, stub):
+    from server.api.v1 import generation_pb2 as pb
+
+    target = 200  # a token id of the tiny vocabulary
+    reply = client(server).completions.create(model="llama0", prompt="hi", max_tokens=3, temperature=0,
+                                              logit_bias={str(target): 100})
+    tokenizer = server.server.llm.engine.tokenizer
+    assert reply.choices[0].text == tokenizer.decode([target] * 3)
+    out = stub.Generate(pb.GenerateRequest(prompt="hi", sampling=pb.SamplingOptions(temperature=0, max_tokens=3,
+                                                                                     logit_bias={target: 100})))
+    assert list(out.token_ids) == [target] * 3
