@@ -1,4 +1,4 @@
-"""`s1serve serve` as a real process: it announces its ports, serves, and on SIGTERM finishes the
+"""`s1serve serve` as a real process: it announces its ports and readiness on stdout, serves, and on SIGTERM finishes the
 in-flight request before exiting."""
 
 import re
@@ -13,16 +13,13 @@ from clients import S1Client
 def test_sigterm_drains_in_flight_requests_then_exits(llama_dir):
     cmd = [sys.executable, "-m", "server.cli", "--log-level", "INFO", "serve", "--model", str(llama_dir),
            "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--num-kv-blocks", "64"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            match = re.search(r"gRPC on 127\.0\.0\.1:(\d+), HTTP on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                break
-        assert match, "".join(lines)
         threading.Thread(target=lambda: [lines.append(x) for x in proc.stderr], daemon=True).start()
+        ready = proc.stdout.readline()  # the ready line, printed at any log level
+        match = re.search(r"s1serve: ready: .* gRPC 127\.0\.0\.1:(\d+), HTTP 127\.0\.0\.1:(\d+)", ready)
+        assert match, ready + "".join(lines)
         with S1Client(f"127.0.0.1:{match[1]}") as client:
             stream = client.stream("a long answer please", max_tokens=150, temperature=0, budget=False)
             first = next(stream)
