@@ -2,8 +2,10 @@
 
 import argparse
 import dataclasses
+import inspect
 import logging
 import os
+import re
 import sys
 import time
 import types
@@ -14,21 +16,36 @@ from .engine.config import EngineConfig
 from .errors import InvalidConfigError
 
 
+def field_comments(config_cls) -> dict[str, str]:
+    """The comment after each field of a dataclass (`name: type = value  # comment`): one source of
+    truth for the code and for `--help`."""
+    comments = {}
+    for line in inspect.getsource(config_cls).splitlines():
+        match = re.match(r"\s+(\w+): [^#]+#\s*(.+)$", line)
+        if match:
+            comments[match[1]] = match[2]
+    return comments
+
+
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, overrides_only: bool = False) -> None:
-    """One `--field-name` flag per dataclass field, typed and defaulted from the dataclass. With
-    `overrides_only`, a flag not given leaves no attribute, so it overrides a config file only when set."""
+    """One `--field-name` flag per dataclass field, typed and defaulted from the dataclass, its help
+    the field's comment. With `overrides_only`, a flag not given leaves no attribute, so it
+    overrides a config file only when set."""
     hints = typing.get_type_hints(config_cls)
+    comments = field_comments(config_cls)
     group = parser.add_argument_group(f"{config_cls.__name__} flags")
     for field in dataclasses.fields(config_cls):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
         default = argparse.SUPPRESS if overrides_only else field.default
+        shown = field.default if field.default is not dataclasses.MISSING else None
+        help_text = f"{comments.get(field.name, '')} (default: {shown})".replace("%", "%%").strip()
         if isinstance(kind, types.UnionType):  # `int | None` -> int
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            group.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper())
+            group.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper(), help=help_text)
 
 
 def add_budget_flags(parser: argparse.ArgumentParser, title: str) -> None:
