@@ -30,9 +30,11 @@ class TraceWriter:
             if i not in replies:
                 replies[i] = Reply(**self.cache.get(k))
         ordered = [replies[i] for i in range(len(questions))]
-        for reply in ordered:  # an empty trace teaches nothing: a failure, recorded like any other
+        for reply in ordered:  # an empty trace or answer teaches nothing: a failure, recorded like any other
             if not reply.error and not reply.reasoning.strip():
                 reply.error = "the teacher returned no reasoning"
+            elif not reply.error and not reply.content.strip():
+                reply.error = "the teacher returned no answer"
         self.failures = sum(1 for r in ordered if r.error)
         lengths = [len(self.tokenizer(r.reasoning, add_special_tokens=False).input_ids) if not r.error else 0 for r in ordered]
         data = data.add_column("thinking_trajectory", [r.reasoning for r in ordered])

@@ -72,17 +72,17 @@ def resolve_model_dir(model: str | None) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .engine import LLMEngine, SamplingParams, ThinkBudget
 
-    engine = LLMEngine(resolve_model_dir(args.model), config_from_args(args, EngineConfig))
-    budget = None
+    budget = None  # the request's own checks come before the model loads
     if any(v is not None for v in (args.min_think, args.max_think, args.max_waits, args.wait)):
         budget = ThinkBudget(min_think=args.min_think, max_think=args.max_think, max_waits=args.max_waits, wait=args.wait)
-    prompt = args.prompt
-    if not args.raw and engine.tokenizer.chat_template:
-        prompt = engine.render_chat([{"role": "user", "content": prompt}])
     sampling = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_tokens=args.max_tokens, seed=args.sampling_seed, stop=tuple(args.stop),
     )
+    engine = LLMEngine(resolve_model_dir(args.model), config_from_args(args, EngineConfig))
+    prompt = args.prompt
+    if not args.raw and engine.tokenizer.chat_template:
+        prompt = engine.render_chat([{"role": "user", "content": prompt}])
     engine.add_request("cli", prompt, sampling, budget)
     show = PhasePrinter(sys.stdout) if budget else None
     start, num_tokens = time.perf_counter(), 0

@@ -23,6 +23,7 @@ from ..errors import (
     InvalidSamplingParamError,
     PromptTooLongError,
     RequestNotFoundError,
+    UnsupportedModelError,
 )
 from ..models import ModelConfig
 from ..models.paged_attention import attention_backend, prefill_backend
@@ -59,7 +60,10 @@ class LLMEngine:
         positions = self.model_config.max_position_embeddings
         if config.max_model_len and config.max_model_len > positions:
             raise InvalidConfigError(f"max_model_len: {config.max_model_len} exceeds the model's {positions} positions (max_position_embeddings)")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        except (OSError, ValueError) as exc:  # no or broken tokenizer files: one line, not a traceback
+            raise UnsupportedModelError(f"{self.model_dir}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
         self.runner = ModelRunner(self.model_dir, config, self.model_config)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
