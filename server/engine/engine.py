@@ -164,7 +164,7 @@ class LLMEngine:
             state = ThinkState(budget, t.think_end, wait, answer_prefix, think_limit=0, phase=Phase.ANSWER)
             return state, sampling.max_tokens or cfg.default_max_tokens
         forced = len(t.think_end) + len(answer_prefix)
-        reserve = forced + cfg.min_answer_tokens
+        reserve = self._answer_reserve(answer_prefix)
         need = f"the forced end ({forced} tokens) and at least {cfg.min_answer_tokens} answer tokens"
         room = self.max_model_len - num_prompt_tokens
         if budget.max_think and budget.max_think > room - reserve:
@@ -195,8 +195,11 @@ class LLMEngine:
     def think_room(self, max_tokens: int) -> int:
         """The most thinking a budgeted request with this `max_tokens` may have (the template's
         answer prefix): what the forced end and `min_answer_tokens` leave."""
-        t = self.think_ids
-        return max_tokens - len(t.think_end) - len(t.answer_prefix) - self.config.min_answer_tokens
+        return max_tokens - self._answer_reserve(self.think_ids.answer_prefix)
+
+    def _answer_reserve(self, answer_prefix: tuple[int, ...]) -> int:
+        """Tokens a budgeted request keeps free after thinking: the forced end and the minimum answer."""
+        return len(self.think_ids.think_end) + len(answer_prefix) + self.config.min_answer_tokens
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.sequences:
