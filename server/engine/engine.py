@@ -34,6 +34,7 @@ from .model_runner import ModelRunner, context_len
 from .output_processor import OutputProcessor
 from .outputs import StepOutput
 from .params import SamplingParams, ThinkBudget
+from .sampler import Sample
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import FinishReason, Sequence
 from .think import (
@@ -93,6 +94,10 @@ class LLMEngine:
         """A chat request as the model's own chat template tokenizes it, opened for the assistant.
         The think opener is not added here: `make_sequence` adds it to budgeted requests only."""
         return chat_prompt_ids(self.tokenizer, messages, template_kwargs)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text (special tokens written out; ids the tokenizer lacks are ""), for logprobs."""
+        return decode_known(self.tokenizer, [token_id], False, self.output.vocab_size)
 
     def make_sequence(
         self, request_id: str, prompt: Prompt, sampling: SamplingParams, budget: ThinkBudget | None = None
@@ -231,17 +236,18 @@ class LLMEngine:
         sampled = self.runner.run(batch)
         return self._postprocess(batch, sampled)
 
-    def _postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[StepOutput]:
+    def _postprocess(self, batch: ScheduledBatch, sampled: list[Sample | None]) -> list[StepOutput]:
         outputs = []
-        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+        for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, sampled):
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
-            if token is None:
+            if sample is None:
                 continue  # a prefill chunk that did not reach the end of the prompt
+            token, logprobs = sample
             segments = self._segments(seq, token)
             for segment in segments:
                 seq.token_ids += segment.token_ids
-            delta = self.output.process(seq, segments, self._finish_reason(seq, segments[-1]))
+            delta = self.output.process(seq, segments, self._finish_reason(seq, segments[-1]), logprobs)
             if delta.finished:  # EOS, a stop id or the length here; a stop string on the output side
                 self._finish(seq, FinishReason(delta.finish_reason))
             outputs.append(delta)

@@ -4,6 +4,8 @@ import itertools
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .config import EngineConfig
 from .engine import LLMEngine, Prompt
 from ..errors import InvalidRequestError
@@ -25,11 +27,13 @@ class LLM:
         prompts: Prompt | list[Prompt],
         sampling: SamplingParams | list[SamplingParams] | None = None,
         budget: ThinkBudget | list[ThinkBudget | None] | None = None,
+        progress: str | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt in one continuous batch; outputs come back in prompt order.
 
         Every request is validated before any is scheduled, so one bad prompt fails the call
-        without leaving the others half-run.
+        without leaving the others half-run. `progress`: a label for a progress bar (on stderr)
+        of finished requests and generated tokens per second, as vLLM's `use_tqdm`.
         """
         if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
@@ -39,17 +43,27 @@ class LLM:
             self.engine.make_sequence(f"llm-{next(self._ids)}", p, s, b) for p, s, b in zip(prompts, samplings, budgets)
         ]
         outputs = {s.request_id: RequestOutput(s.request_id, list(s.prompt_token_ids)) for s in seqs}
+        bar = tqdm(total=len(seqs), desc=progress, unit="req", dynamic_ncols=True) if progress else None
+        generated = 0
         try:
             for seq in seqs:
                 self.engine.add_sequence(seq)
             while self.engine.has_unfinished():
                 for delta in self.engine.step():
                     outputs[delta.request_id].add(delta)
+                    generated += len(delta.new_token_ids)
+                    if bar is not None:
+                        elapsed = bar.format_dict["elapsed"]
+                        bar.set_postfix_str(f"{generated / elapsed if elapsed else 0:.1f} tok/s", refresh=False)
+                        bar.update(int(delta.finished))
         except BaseException:  # an exception or Ctrl-C: leave the engine as it was, ready for the next call
             for seq in seqs:
                 if seq.request_id in self.engine.sequences:
                     self.engine.abort(seq.request_id)
             raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [outputs[s.request_id] for s in seqs]
 
     def chat(
@@ -58,12 +72,14 @@ class LLM:
         sampling: SamplingParams | list[SamplingParams] | None = None,
         budget: ThinkBudget | list[ThinkBudget | None] | None = None,
         chat_template_kwargs: dict | None = None,
+        progress: str | None = None,
     ) -> list[RequestOutput]:
         """`generate` for chat messages, as the model's chat template tokenizes them (the think
         opener is added to budgeted ones that do not open thinking)."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        return self.generate([self.engine.render_chat(c, chat_template_kwargs) for c in conversations], sampling, budget)
+        return self.generate([self.engine.render_chat(c, chat_template_kwargs) for c in conversations], sampling, budget,
+                             progress)
 
 
 def _per_prompt(value, n: int, name: str) -> list:

@@ -13,7 +13,7 @@ from ..models.loader import safetensors_files
 from ..models.packed_linear import onednn_linear_available, pack_linears
 from ..models.paged_attention import AttentionMetadata, PrefillMetadata
 from .config import EngineConfig
-from .sampler import Sampler
+from .sampler import Sample, Sampler
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -101,26 +101,22 @@ class ModelRunner:
         return max(1, min(int(config.kv_cache_gib * 2**30) // bytes_per_block, usable))
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[int | None]:
-        """Returns, per scheduled sequence (in batch order), the sampled token or None."""
+    def run(self, batch: ScheduledBatch) -> list[Sample | None]:
+        """Returns, per scheduled sequence (in batch order), the sampled token with its logprobs
+        (None unless asked for), or None for a prefill chunk that does not reach the end."""
         order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)  # decodes first, stable
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
         input_ids, positions, meta, sample_rows = self.prepare_inputs(seqs, counts)
         hidden = self.model(input_ids, positions, self.kv_cache, meta)  # (num_tokens, hidden)
 
-        result: list[int | None] = [None] * len(batch)
+        result: list[Sample | None] = [None] * len(batch)
         to_sample = [j for j, row in enumerate(sample_rows) if row is not None]
         if to_sample:
             logits = self.model.compute_logits(hidden[[sample_rows[j] for j in to_sample]])
-            tokens = self.sampler(
-                logits,
-                [seqs[j].sampling for j in to_sample],
-                [seqs[j].seed for j in to_sample],
-                [seqs[j].num_output_tokens for j in to_sample],
-            )
-            for j, token in zip(to_sample, tokens):
-                result[order[j]] = token
+            samples = self.sampler(logits, [seqs[j] for j in to_sample])
+            for j, sample in zip(to_sample, samples):
+                result[order[j]] = sample
         return result
 
     def prepare_inputs(self, seqs: list[Sequence], counts: list[int]):

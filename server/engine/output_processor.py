@@ -12,7 +12,7 @@ when `process` reports one.
 from dataclasses import dataclass, field
 
 from .detokenizer import IncrementalDetokenizer, decode_known
-from .outputs import StepOutput
+from .outputs import StepOutput, TokenLogprobs
 from .sequence import FinishReason, Sequence
 from .think import Phase, Segment
 
@@ -30,6 +30,8 @@ class RequestState:
     answer_started: bool = False
     new_token_ids: list[int] = field(default_factory=list)  # since the last delta
     new_forced: list[bool] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    wants_logprobs: bool = False
     emitted_think: int = 0  # chars already reported
     emitted_delimiter: int = 0
     emitted_answer: int = 0
@@ -44,14 +46,21 @@ class OutputProcessor:
     def add(self, seq: Sequence) -> None:
         detokenizer = IncrementalDetokenizer(self.tokenizer, self.vocab_size, seq.prompt_token_ids)
         self.requests[seq.request_id] = RequestState(seq.request_id, seq.sampling.stop, detokenizer,
-                                                     answer_started=seq.think is None or seq.think.phase is Phase.ANSWER)
+                                                     answer_started=seq.think is None or seq.think.phase is Phase.ANSWER,
+                                                     wants_logprobs=seq.sampling.logprobs is not None)
 
-    def process(self, seq: Sequence, segments: list[Segment], finish: FinishReason | None) -> StepOutput:
+    def process(self, seq: Sequence, segments: list[Segment], finish: FinishReason | None,
+                logprobs: TokenLogprobs | None = None) -> StepOutput:
         """Text for the segments the engine just appended; the step's delta. A stop string in the
-        answer makes the delta finished with reason "stop" (the engine then finishes the sequence)."""
+        answer makes the delta finished with reason "stop" (the engine then finishes the sequence).
+        `logprobs` belong to the sampled token, which heads the first unforced segment if it was kept."""
         state = self.requests[seq.request_id]
         for segment in segments:
             self._append(state, segment)
+            if state.wants_logprobs:
+                kept = not segment.forced and logprobs is not None
+                state.new_logprobs += [logprobs if kept and i == 0 else None for i in range(len(segment.token_ids))]
+                logprobs = None if kept else logprobs
         if state.stop and self._cut_at_stop(state, segments):
             finish = FinishReason.STOP
         elif finish is not None and finish is not FinishReason.ABORT:
@@ -106,8 +115,8 @@ class OutputProcessor:
         answer = state.answer_text[state.emitted_answer : visible] if visible > state.emitted_answer else ""
         state.emitted_think, state.emitted_delimiter = len(state.think_text), len(state.delimiter_text)
         state.emitted_answer = max(state.emitted_answer, visible)
-        new_token_ids, forced = state.new_token_ids, state.new_forced
-        state.new_token_ids, state.new_forced = [], []
+        new_token_ids, forced, logprobs = state.new_token_ids, state.new_forced, state.new_logprobs
+        state.new_token_ids, state.new_forced, state.new_logprobs = [], [], []
         if finish is not None:
             del self.requests[seq.request_id]
         t = seq.think
@@ -128,6 +137,7 @@ class OutputProcessor:
             answer_tokens=state.num_answer_tokens,
             num_waits=t.num_waits if t else 0,
             think_end_forced=t.think_end_forced if t else False,
+            logprobs=logprobs,
         )
 
 

@@ -8,6 +8,14 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class TokenLogprobs:
+    """One sampled token's log-probability and the k most likely tokens at its position."""
+
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
 class StepOutput:
     request_id: str
     new_token_ids: list[int]  # sampled and forced tokens alike, in order
@@ -27,6 +35,8 @@ class StepOutput:
     answer_tokens: int = 0
     num_waits: int = 0
     think_end_forced: bool = False
+    # Per new token when the request asked for logprobs (None for a forced token); else empty.
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)
 
 
 @dataclass
@@ -45,6 +55,7 @@ class RequestOutput:
     events: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     num_cached_tokens: int = 0
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # per token, when asked for
 
     @property
     def finished(self) -> bool:
@@ -57,6 +68,7 @@ class RequestOutput:
         self.think_text += delta.think_text
         self.answer_text += delta.answer_text
         self.events += delta.events
+        self.logprobs += delta.logprobs
         self.think_tokens, self.answer_tokens = delta.think_tokens, delta.answer_tokens
         self.num_waits, self.think_end_forced = delta.num_waits, delta.think_end_forced
         self.num_cached_tokens = delta.num_cached_tokens

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from ..errors import InvalidSamplingParamError
 
+MAX_LOGPROBS = 20  # most likely alternatives a request may ask for per token (OpenAI's limit)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -25,6 +27,17 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # for benchmarks: generate exactly max_tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added logit
+    # Penalties on what was already generated (forced tokens count), as OpenAI and vLLM define them:
+    # presence subtracts once per distinct token, frequency once per occurrence; repetition is the
+    # HF/CTRL rule over prompt and output (a seen token's logit is divided by it when positive,
+    # multiplied when negative). All three apply to greedy rows too.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0  # drop tokens whose probability is below min_p x the top token's
+    # None: no logprobs. k >= 0: each sampled token's log-probability under the model's own
+    # distribution (before bias, penalties and temperature, as vLLM's default) and the k most likely.
+    logprobs: int | None = None
 
     def __post_init__(self):
         # Accept lists from callers but store tuples so the params stay hashable-ish and immutable.
@@ -47,6 +60,15 @@ class SamplingParams:
             raise InvalidSamplingParamError("stop_token_ids", "token ids must be >= 0")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidSamplingParamError("seed", f"must be in [0, 2**63), got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InvalidSamplingParamError(name, f"must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise InvalidSamplingParamError("repetition_penalty", f"must be in (0, 10] (1 disables it), got {self.repetition_penalty}")
+        if not 0 <= self.min_p <= 1:
+            raise InvalidSamplingParamError("min_p", f"must be in [0, 1], got {self.min_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidSamplingParamError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         for token_id, bias in self.logit_bias.items():
             if token_id < 0:
                 raise InvalidSamplingParamError("logit_bias", f"token id {token_id} is negative")
@@ -56,6 +78,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1.0
 
 
 @dataclass(frozen=True)

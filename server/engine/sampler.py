@@ -1,15 +1,19 @@
 """Turn the last-position logits of each sequence into one token id.
 
-Greedy rows take the argmax. Other rows apply logit_bias, temperature, top-k and top-p, then draw
+Every row gets logit_bias and the presence / frequency / repetition penalties. Greedy rows take
+the argmax. Other rows apply temperature, min-p, top-k and top-p, then draw
 with the Gumbel/exponential trick from a generator seeded by (request seed, output position): a
 request's draws depend on nothing else in the batch, and survive preemption unchanged.
 """
 
 import torch
 
+from .outputs import TokenLogprobs
 from .params import SamplingParams
+from .sequence import Sequence
 
 _MASK64 = (1 << 64) - 1
+Sample = tuple[int, TokenLogprobs | None]  # a row's token and, when its request asked, the logprobs
 
 
 def draw_seed(seed: int, position: int) -> int:
@@ -21,34 +25,61 @@ def draw_seed(seed: int, position: int) -> int:
 
 
 class Sampler:
-    def __call__(
-        self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: list[int]
-    ) -> list[int]:
-        """logits: (num_seqs, vocab). positions: each row's output index (seeds its draw)."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
+        """logits: (num_seqs, vocab), one row per sequence. Returns each row's token and, when its
+        request asked for them, the logprobs. A row's result depends on its own logits, params,
+        tokens so far and seed (drawn per output position) only: never on the rest of the batch."""
         logits = logits.float()
-        for row, p in enumerate(params):
-            if p.logit_bias:
-                ids = torch.tensor([t for t in p.logit_bias if t < logits.shape[1]], dtype=torch.long)
-                bias = torch.tensor([b for t, b in p.logit_bias.items() if t < logits.shape[1]])
-                logits[row].index_add_(0, ids.to(logits.device), bias.to(logits.device))
+        want_logprobs = [i for i, seq in enumerate(seqs) if seq.sampling.logprobs is not None]
+        raw_logprobs = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None
+        for row, seq in enumerate(seqs):
+            self._adjust(logits[row], seq)
         tokens = logits.argmax(dim=-1).tolist()
 
-        rows = [i for i, p in enumerate(params) if not p.greedy]
-        if not rows:
-            return tokens
-        sub = logits[rows]  # (n, vocab)
-        temps = torch.tensor([params[i].temperature for i in rows], device=sub.device)
-        probs = self._filtered_probs(sub / temps[:, None], [params[i] for i in rows])
-        for j, row in enumerate(rows):
-            gen = torch.Generator(device=sub.device)
-            gen.manual_seed(draw_seed(seeds[row], positions[row]))
-            noise = torch.empty_like(probs[j]).exponential_(generator=gen)
-            tokens[row] = int((probs[j] / noise).argmax())
-        return tokens
+        rows = [i for i, seq in enumerate(seqs) if not seq.sampling.greedy]
+        if rows:
+            params = [seqs[i].sampling for i in rows]
+            sub = logits[rows]  # (n, vocab)
+            temps = torch.tensor([p.temperature for p in params], device=sub.device)
+            probs = self._filtered_probs(sub / temps[:, None], params)
+            for j, row in enumerate(rows):
+                gen = torch.Generator(device=sub.device)
+                gen.manual_seed(draw_seed(seqs[row].seed, seqs[row].num_output_tokens))
+                noise = torch.empty_like(probs[j]).exponential_(generator=gen)
+                tokens[row] = int((probs[j] / noise).argmax())
+
+        results: list[Sample] = [(t, None) for t in tokens]
+        for j, row in enumerate(want_logprobs):
+            results[row] = (tokens[row], _logprobs(raw_logprobs[j], tokens[row], seqs[row].sampling.logprobs))
+        return results
+
+    @staticmethod
+    def _adjust(row: torch.Tensor, seq: Sequence) -> None:
+        """logit_bias and the penalties, in place on one row of logits."""
+        p = seq.sampling
+        vocab = row.shape[0]
+        if p.logit_bias:
+            ids = torch.tensor([t for t in p.logit_bias if t < vocab], dtype=torch.long, device=row.device)
+            bias = torch.tensor([b for t, b in p.logit_bias.items() if t < vocab], device=row.device)
+            row.index_add_(0, ids, bias)
+        if not p.penalized:
+            return
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted({t for t in seq.token_ids if t < vocab}), dtype=torch.long, device=row.device)
+            values = row[seen]
+            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        output = [t for t in seq.token_ids[seq.num_prompt_tokens :] if t < vocab]
+        if output and (p.presence_penalty or p.frequency_penalty):
+            ids, counts = torch.tensor(output, dtype=torch.long, device=row.device).unique(return_counts=True)
+            row.index_add_(0, ids, -(p.frequency_penalty * counts.float() + p.presence_penalty))
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """Softmax with top-k and top-p (nucleus) filtering; the top token always survives."""
+        """Softmax with min-p, top-k and top-p (nucleus) filtering; the top token always survives."""
+        if any(p.min_p > 0 for p in params):
+            probs = logits.softmax(dim=-1)
+            floor = torch.tensor([p.min_p for p in params], device=logits.device)[:, None] * probs.max(dim=-1, keepdim=True).values
+            logits = logits.masked_fill(probs < floor, float("-inf"))
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
         if all(k == 0 for k in top_k) and all(p == 1.0 for p in top_p):
@@ -65,3 +96,8 @@ class Sampler:
         sorted_probs = sorted_probs.masked_fill(mass_before >= p[:, None], 0.0)
         probs = torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
         return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def _logprobs(row: torch.Tensor, token: int, k: int) -> TokenLogprobs:
+    top = row.topk(k) if k else None
+    return TokenLogprobs(float(row[token]), list(zip(top.indices.tolist(), top.values.tolist())) if top else [])
