@@ -67,14 +67,18 @@ class StreamChunk:
 def build_request(prompt: str | None = None, messages: list[dict] | None = None, *, request_id: str = "",
                   max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                   top_k: int | None = None, seed: int | None = None, stop: list[str] | None = None,
-                  stop_token_ids: list[int] | None = None,
+                  stop_token_ids: list[int] | None = None, presence_penalty: float | None = None,
+                  frequency_penalty: float | None = None, repetition_penalty: float | None = None,
+                  min_p: float | None = None,
                   min_think: int | None = None, max_think: int | None = None, max_waits: int | None = None,
                   wait_string: str | None = None, answer_prefix: str | None = None, budget: bool | None = None,
                   chat_template_kwargs: dict | None = None, reasoning_effort: str | None = None) -> pb.GenerateRequest:
     """`budget=True` (or any budget field, or `reasoning_effort`) starts generation in the think phase."""
     sampling = pb.SamplingOptions(stop=stop or [], stop_token_ids=stop_token_ids or [])
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
-                        ("top_k", top_k), ("seed", seed)):
+                        ("top_k", top_k), ("seed", seed), ("presence_penalty", presence_penalty),
+                        ("frequency_penalty", frequency_penalty), ("repetition_penalty", repetition_penalty),
+                        ("min_p", min_p)):
         if value is not None:
             setattr(sampling, name, value)
     request = pb.GenerateRequest(request_id=request_id, sampling=sampling)

@@ -102,7 +102,8 @@ class Frontend:
     def parse(
         self, *, request_id: str = "", prompt: Prompt | None = None, messages: list[dict] | None = None,
         temperature=None, top_p=None, top_k=None, seed=None, max_tokens=None, stop=None, stop_token_ids=None,
-        logit_bias: dict | None = None,
+        logit_bias: dict | None = None, presence_penalty=None, frequency_penalty=None, repetition_penalty=None,
+        min_p=None, logprobs: int | None = None,
         budget: dict | None = None, chat_template_kwargs: dict | None = None, reasoning_effort: str | None = None,
     ) -> ParsedRequest:
         """Turn API fields into engine parameters; raises InvalidRequestError naming the field.
@@ -151,6 +152,12 @@ class Frontend:
             kwargs["stop_token_ids"] = tuple(_int_field("stop_token_ids", t) for t in stop_token_ids)
         if logit_bias is not None:
             kwargs["logit_bias"] = _logit_bias(logit_bias)
+        for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty),
+                            ("repetition_penalty", repetition_penalty), ("min_p", min_p)):
+            if value is not None:
+                kwargs[name] = _float_field(name, value)
+        if logprobs is not None:
+            kwargs["logprobs"] = _int_field("logprobs", logprobs)
         sampling = SamplingParams(**kwargs)
         if reasoning_effort:
             if not isinstance(reasoning_effort, str) or reasoning_effort not in self.reasoning_efforts:
@@ -263,6 +270,7 @@ class Frontend:
             "request %s finished (%s): prompt %d, think %d, answer %d tokens, waits %d%s, %.3f s",
             req.request_id, usage.finish_reason, usage.prompt_tokens, usage.think_tokens, usage.answer_tokens,
             usage.num_waits, ", think end forced" if usage.think_end_forced else "", usage.total_time_s,
+            extra={"fields": {"request_id": req.request_id, "budgeted": req.budget is not None, **usage.fields()}},
         )
 
     def feedback(self, request_id: str, correct: bool, score: float | None = None) -> None:

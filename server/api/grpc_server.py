@@ -56,6 +56,8 @@ def _parse(frontend: Frontend, request: pb.GenerateRequest):
         stop=list(s.stop) or None,
         stop_token_ids=list(s.stop_token_ids) or None,
         logit_bias=dict(s.logit_bias) or None,
+        **{name: getattr(s, name) if s.HasField(name) else None
+           for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logprobs")},
     )
     if request.HasField("chat_template_kwargs"):
         kwargs["chat_template_kwargs"] = json_format.MessageToDict(request.chat_template_kwargs)
@@ -71,6 +73,17 @@ def _parse(frontend: Frontend, request: pb.GenerateRequest):
                                 wait_string=b.wait_string,
                                 answer_prefix=b.answer_prefix if b.HasField("answer_prefix") else None)
     return frontend.parse(**kwargs)
+
+
+def _logprobs(engine, token_ids: list[int], logprobs: list) -> list[pb.TokenLogprob]:
+    out = []
+    for token, lp in zip(token_ids, logprobs):
+        message = pb.TokenLogprob(token_id=token, token=engine.token_text(token))
+        if lp is not None:
+            message.logprob = lp.logprob
+            message.top.extend(pb.TopLogprob(token_id=t, token=engine.token_text(t), logprob=v) for t, v in lp.top)
+        out.append(message)
+    return out
 
 
 def _usage(u: Usage) -> pb.Usage:
@@ -97,7 +110,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request, context):
         usage = StreamUsage()
         parts = {"text": [], "think": [], "answer": []}
-        forced = []
+        forced, logprobs = [], []
         try:
             req = await asyncio.to_thread(_parse, self.frontend, request)
             async for delta in self.frontend.stream(req, usage):
@@ -105,11 +118,13 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 parts["think"].append(delta.think_text)
                 parts["answer"].append(delta.answer_text)
                 forced += delta.forced
+                logprobs += delta.logprobs
         except S1ServeError as exc:
             await _abort_with(context, exc)
         return pb.GenerateResponse(
             request_id=req.request_id, text="".join(parts["text"]), think_text="".join(parts["think"]),
             answer_text="".join(parts["answer"]), token_ids=usage.token_ids, usage=_usage(usage), forced=forced,
+            logprobs=_logprobs(self.frontend.llm.engine, usage.token_ids, logprobs),
         )
 
     async def GenerateStream(self, request, context):
@@ -122,6 +137,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 message = pb.GenerateStreamResponse(
                     request_id=req.request_id, deltas=deltas, token_ids=delta.new_token_ids, forced=delta.forced,
                     events=[EVENTS[e] for e in delta.events], phase=PHASES[delta.phase],
+                    logprobs=_logprobs(self.frontend.llm.engine, delta.new_token_ids, delta.logprobs),
                 )
                 if delta.finished:
                     message.usage.CopyFrom(_usage(usage))

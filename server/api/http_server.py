@@ -23,19 +23,20 @@ from .frontend import Frontend, StreamUsage
 from .usage import Usage
 
 BUDGET_FIELDS = ("min_think", "max_think", "max_waits", "wait_string", "answer_prefix")
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop", "stop_token_ids")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop", "stop_token_ids",
+                   "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")
 # OpenAI fields we do not implement, with the values that ask for nothing (what frameworks such as
 # LangChain, LiteLLM and evaluation harnesses send by default). Any other value is a 400 naming it.
 NEUTRAL = {
-    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False, None), "top_logprobs": (0, None),
     "response_format": ({"type": "text"}, None), "tools": ([], None), "tool_choice": ("none", "auto", None),
     "parallel_tool_calls": (True, False, None), "store": (False, None), "service_tier": ("auto", "default", None),
     "modalities": (["text"], None), "prediction": (None,), "audio": (None,), "web_search_options": (None,),
-    "functions": ([], None), "function_call": ("none", "auto", None),
+    "functions": ([], None), "function_call": ("none", "auto", None), "verbosity": ("medium", None),
     "echo": (False, None), "best_of": (1, None), "suffix": (None, ""),  # completions
 }
-FREE_FORM = {"metadata", "user"}  # accepted whatever they hold: they change nothing here
-KNOWN = {"model", "prompt", "messages", "stream", "stream_options", "n", "request_id", "logit_bias",
+# Accepted whatever they hold: they change nothing here (prefix caching is automatic).
+FREE_FORM = {"metadata", "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention"}
+KNOWN = {"model", "prompt", "messages", "stream", "stream_options", "n", "request_id", "logit_bias", "logprobs", "top_logprobs",
          *SAMPLING_FIELDS, *BUDGET_FIELDS, *NEUTRAL, *FREE_FORM,
          "max_completion_tokens", "chat_template_kwargs", "reasoning_effort"}
 OPEN_PATHS = ("/health", "/metrics")
@@ -148,6 +149,7 @@ class HttpFront:
             sampling["max_tokens"] = body["max_completion_tokens"]
         if body.get("logit_bias") is not None:
             sampling["logit_bias"] = body["logit_bias"]
+        sampling["logprobs"] = self._logprobs(body, kind)
         budget = {k: body[k] for k in BUDGET_FIELDS if k in body}
         request_id = body.get("request_id") or f"{prefix}-{uuid.uuid4().hex[:24]}"
         common = dict(request_id=request_id, budget=budget or None, reasoning_effort=body.get("reasoning_effort"),
@@ -159,6 +161,52 @@ class HttpFront:
         if "prompt" not in body:
             raise InvalidRequestError("prompt", "is required")
         return self.frontend.parse(prompt=body["prompt"], **common)
+
+    @staticmethod
+    def _logprobs(body: dict, kind: str) -> int | None:
+        """How many alternatives per token, or None: chat asks with `logprobs: true` and
+        `top_logprobs: k`, completions with `logprobs: k` (OpenAI's two forms)."""
+        logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+        if kind != "chat":
+            if top is not None:
+                raise InvalidRequestError("top_logprobs", "is a chat completions field; completions take logprobs: k")
+            if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)):
+                raise InvalidRequestError("logprobs", f"must be an integer (the alternatives per token), got {logprobs!r}")
+            return logprobs
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise InvalidRequestError("logprobs", f"must be a boolean, got {logprobs!r}")
+        if top is not None and not logprobs:
+            raise InvalidRequestError("top_logprobs", "needs logprobs: true")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int)):
+            raise InvalidRequestError("top_logprobs", f"must be an integer, got {top!r}")
+        return (top or 0) if logprobs else None
+
+    def _logprob_entries(self, token_ids: list[int], logprobs: list) -> list[dict]:
+        """Chat's `logprobs.content` items; a forced token has logprob null and `forced: true`."""
+        engine = self.frontend.llm.engine
+        entries = []
+        for token, lp in zip(token_ids, logprobs):
+            text = engine.token_text(token)
+            entry = {"token": text, "logprob": None, "bytes": list(text.encode()), "top_logprobs": []}
+            if lp is None:
+                entry["forced"] = True
+            else:
+                entry["logprob"] = lp.logprob
+                entry["top_logprobs"] = [{"token": (t := engine.token_text(i)), "logprob": v, "bytes": list(t.encode())}
+                                         for i, v in lp.top]
+            entries.append(entry)
+        return entries
+
+    @staticmethod
+    def _completion_logprobs(entries: list[dict], offset: int) -> dict:
+        """The legacy completions form of the same entries; offsets count from `offset`."""
+        offsets = []
+        for e in entries:
+            offsets.append(offset)
+            offset += len(e["token"])
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} if e["logprob"] is not None else None
+                                 for e in entries], "text_offset": offsets}
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "text_completion")
@@ -176,20 +224,30 @@ class HttpFront:
         created = int(time.time())
         model = self.frontend.model_name
         stream = self.frontend.stream(req, usage)
+        wants_logprobs = req.sampling.logprobs is not None
+
+        def logprobs_json(token_ids: list[int], logprobs: list, offset: int = 0) -> dict | None:
+            if not wants_logprobs:
+                return None
+            entries = self._logprob_entries(token_ids, logprobs)
+            return {"content": entries} if chat else self._completion_logprobs(entries, offset)
+
         if not body.get("stream"):
-            think, answer, text = [], [], []
+            think, answer, text, logprobs = [], [], [], []
             async for delta in stream:
                 think.append(delta.think_text)
                 answer.append(delta.answer_text)
                 text.append(delta.new_text)
+                logprobs += delta.logprobs
             content = "".join(answer) if budgeted else "".join(text)
             reasoning = "".join(think) if budgeted else None
+            lp = logprobs_json(usage.token_ids, logprobs)
             if chat:
                 message = {"role": "assistant", "content": content, "reasoning_content": reasoning, "reasoning": reasoning}
-                choice = {"index": 0, "message": message, "finish_reason": usage.finish_reason}
+                choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": usage.finish_reason}
             else:
                 choice = {"index": 0, "text": content, "reasoning_content": reasoning, "reasoning": reasoning,
-                          "logprobs": None, "finish_reason": usage.finish_reason}
+                          "logprobs": lp, "finish_reason": usage.finish_reason}
             return web.json_response({"id": req.request_id, "object": obj, "created": created, "model": model,
                                       "choices": [choice], "usage": usage_json(usage)})
 
@@ -218,18 +276,31 @@ class HttpFront:
             async for d in iterator:
                 yield d
 
+        # Logprobs of tokens whose text has not gone out yet travel with the next chunk sent.
+        pending_ids: list[int] = []
+        pending_logprobs: list = []
+        text_offset = 0
+
         async def send_text(reasoning: str, content: str, finish: str | None) -> None:
+            nonlocal text_offset
+            lp = logprobs_json(pending_ids, pending_logprobs, text_offset)
+            if lp is not None and not chat:
+                text_offset += sum(map(len, lp["tokens"]))
+            pending_ids.clear()
+            pending_logprobs.clear()
             if chat:
                 delta = {"reasoning_content": reasoning, "reasoning": reasoning} if reasoning else {"content": content}
-                await send({"index": 0, "delta": delta if reasoning or content else {}, "finish_reason": finish})
+                await send({"index": 0, "delta": delta if reasoning or content else {}, "logprobs": lp, "finish_reason": finish})
             else:
                 await send({"index": 0, "text": content, "reasoning_content": reasoning or None,
-                            "reasoning": reasoning or None, "logprobs": None, "finish_reason": finish})
+                            "reasoning": reasoning or None, "logprobs": lp, "finish_reason": finish})
 
         try:
             if chat:
                 await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
             async for d in deltas():
+                pending_ids.extend(d.new_token_ids)
+                pending_logprobs.extend(d.logprobs)
                 content = d.answer_text if budgeted else d.new_text
                 reasoning = d.think_text if budgeted else ""
                 finish = d.finish_reason if d.finished else None

@@ -107,8 +107,8 @@ def test_openai_fields_at_their_neutral_values_are_accepted_and_others_named(ser
     reply = client(server).chat.completions.create(model="llama0", messages=[{"role": "user", "content": "hi"}],
                                                    max_tokens=4, temperature=0, **neutral)
     assert reply.choices[0].finish_reason in ("stop", "length")
-    for field, value in (("presence_penalty", 0.5), ("logprobs", True), ("response_format", {"type": "json_object"}),
-                         ("store", True), ("n_best", 1)):
+    for field, value in (("presence_penalty", 2.5), ("top_logprobs", 2), ("response_format", {"type": "json_object"}),
+                         ("store", True), ("n_best", 1), ("min_thnk", 5)):
         with pytest.raises(openai.BadRequestError) as err:
             client(server).chat.completions.create(model="llama0", messages=[{"role": "user", "content": "hi"}],
                                                    max_tokens=4, extra_body={field: value})
@@ -126,3 +126,61 @@ def test_logit_bias_reaches_the_sampler_on_both_fronts(server, stub):
     out = stub.Generate(pb.GenerateRequest(prompt="hi", sampling=pb.SamplingOptions(temperature=0, max_tokens=3,
                                                                                      logit_bias={target: 100})))
     assert list(out.token_ids) == [target] * 3
+
+
+def test_penalties_min_p_and_logprobs_match_the_offline_engine_on_both_fronts(server, stub, make_llm, llama_dir):
+    from server.api.v1 import generation_pb2 as pb
+
+    knobs = dict(presence_penalty=0.8, frequency_penalty=0.5, repetition_penalty=1.3, min_p=0.02)
+    sampling = SamplingParams(temperature=0.9, seed=11, max_tokens=40, logprobs=3, **knobs)
+    [ref] = make_llm(llama_dir, num_kv_blocks=64).generate("penalize me", sampling, ThinkBudget(max_think=4))
+    tokenizer = server.server.llm.engine.tokenizer
+    kwargs = dict(model="llama0", prompt="penalize me", max_tokens=40, temperature=0.9, seed=11, logprobs=3,
+                  presence_penalty=0.8, frequency_penalty=0.5,
+                  extra_body={"repetition_penalty": 1.3, "min_p": 0.02, "max_think": 4})
+    reply = client(server).completions.create(**kwargs)
+    lp = reply.choices[0].logprobs
+    assert lp.tokens == [tokenizer.decode([t], skip_special_tokens=False) for t in ref.token_ids]
+    assert lp.token_logprobs == pytest.approx([r.logprob if r else None for r in ref.logprobs], abs=1e-5)
+    # The legacy form keys alternatives by text (tokens decoding alike collapse, as at OpenAI).
+    assert [sorted(top) if top else None for top in lp.top_logprobs] == [
+        sorted({tokenizer.decode([t], skip_special_tokens=False) for t, _ in r.top}) if r else None for r in ref.logprobs]
+    assert None in lp.token_logprobs  # the forced delimiter and answer prefix have none
+    streamed = list(client(server).completions.create(stream=True, **kwargs))
+    assert [v for ch in streamed for v in (ch.choices[0].logprobs.token_logprobs if ch.choices[0].logprobs else [])] \
+        == pytest.approx(lp.token_logprobs, abs=1e-5)
+
+    chat = dict(model="llama0", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0,
+                logprobs=True, top_logprobs=2, frequency_penalty=1.0)
+    full = client(server).chat.completions.create(**chat)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in content)
+    assert all(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in content)
+    chunks = list(client(server).chat.completions.create(stream=True, **chat))
+    streamed_content = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.token for e in streamed_content] == [e.token for e in content]
+    assert [e.logprob for e in streamed_content] == pytest.approx([e.logprob for e in content], abs=1e-5)
+
+    options = pb.SamplingOptions(temperature=0.9, seed=11, max_tokens=40, logprobs=3, **knobs)
+    out = stub.Generate(pb.GenerateRequest(prompt="penalize me", sampling=options, budget=pb.ThinkBudget(max_think=4)))
+    assert list(out.token_ids) == ref.token_ids
+    assert [m.logprob if m.HasField("logprob") else None for m in out.logprobs] == pytest.approx(
+        [r.logprob if r else None for r in ref.logprobs], abs=1e-5)
+    assert [[t.token_id for t in m.top] for m in out.logprobs] == [[t for t, _ in r.top] if r else [] for r in ref.logprobs]
+    stream = stub.GenerateStream(pb.GenerateRequest(prompt="penalize me", sampling=options, budget=pb.ThinkBudget(max_think=4)))
+    assert [m.token_id for msg in stream for m in msg.logprobs] == ref.token_ids
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+    ({"logprobs": True, "top_logprobs": 21}, "logprobs"),
+    ({"logprobs": 2}, "logprobs"),  # chat's logprobs is a boolean
+    ({"presence_penalty": "high"}, "presence_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_p": 2}, "min_p"),
+])
+def test_bad_sampling_fields_are_400s_naming_them(server, body, field):
+    with pytest.raises(openai.BadRequestError) as err:
+        client(server).chat.completions.create(model="llama0", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=4, extra_body=body)
+    assert err.value.body["param"] == field
