@@ -11,6 +11,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 from server.errors import InvalidConfigError
 
 Messages = list[dict]
@@ -39,7 +41,7 @@ class EngineBackend:
         self.max_tokens, self.max_think, self.min_think = max_tokens, max_think, min_think
         self.llm = LLM(model, **engine_config)
 
-    def chat(self, conversations: list[Messages]) -> list[Reply]:
+    def chat(self, conversations: list[Messages], progress: str | None = None) -> list[Reply]:
         from server.engine import SamplingParams, ThinkBudget
 
         # s1 budget forcing on the teacher: min_think appends "Wait" when it stops thinking early.
@@ -47,7 +49,7 @@ class EngineBackend:
         if budget is not None and self.llm.engine.think_template is None:
             budget = None  # a model without a think template answers directly
         sampling = SamplingParams(temperature=0.0, max_tokens=self.max_tokens + (self.max_think or 0))
-        outputs = self.llm.chat(conversations, sampling, budget)
+        outputs = self.llm.chat(conversations, sampling, budget, progress=progress)
         if budget is None:
             return [Reply(content=o.text) for o in outputs]
         return [Reply(content=self._attempt(o.answer_text), reasoning=o.think_text) for o in outputs]
@@ -103,9 +105,10 @@ class EndpointBackend:
                 error = f"{type(exc).__name__}: {exc}"
         return Reply(error=error)
 
-    def chat(self, conversations: list[Messages]) -> list[Reply]:
+    def chat(self, conversations: list[Messages], progress: str | None = None) -> list[Reply]:
         with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(self._one, conversations))
+            replies = pool.map(self._one, conversations)
+            return list(tqdm(replies, total=len(conversations), desc=progress, unit="req", disable=not progress))
 
 
 def make_backend(spec: dict):

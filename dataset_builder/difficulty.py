@@ -64,7 +64,7 @@ class DifficultyFilter:
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             conversations: list[Messages] = [[{"role": "user", "content": SOLVE_PROMPT.format(question=questions[i])}] for i in chunk]
-            replies = solver.chat(conversations)
+            replies = solver.chat(conversations, progress=f"difficulty, {solver.name}: {start + len(chunk)}/{len(todo)}")
             self.cache.put_many({keys[i]: dict(reply.__dict__) for i, reply in zip(chunk, replies) if not reply.error})
             for i, reply in zip(chunk, replies):
                 if reply.error:

@@ -28,7 +28,8 @@ class DomainClassifier:
         codes = []
         for start in range(0, len(questions), self.batch_size):
             chunk = questions[start : start + self.batch_size]
-            replies = self.backend.chat([[{"role": "user", "content": CLASSIFY_PROMPT.format(areas=areas, question=q)}] for q in chunk])
+            replies = self.backend.chat([[{"role": "user", "content": CLASSIFY_PROMPT.format(areas=areas, question=q)}] for q in chunk],
+                                        progress=f"domains, {self.backend.name}: {start + len(chunk)}/{len(questions)}")
             for question, reply in zip(chunk, replies):
                 found = [c for c in CODE.findall(reply.content) if c in MSC2020]
                 if not found:

@@ -134,7 +134,7 @@ class ProceduralTeacher:
             raise InvalidConfigError(f"procedural: unknown kind {self.kind!r} (known: arithmetic)")
         self.name = f"procedural:{self.kind}:slip{self.slip_rate}:seed{self.seed}"
 
-    def chat(self, conversations: list[Messages]) -> list[Reply]:
+    def chat(self, conversations: list[Messages], progress: str | None = None) -> list[Reply]:
         replies = []
         for messages in conversations:
             question = messages[-1]["content"]

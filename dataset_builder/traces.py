@@ -23,7 +23,8 @@ class TraceWriter:
         replies: dict[int, Reply] = {}
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
-            answered = self.teacher.chat([[{"role": "user", "content": questions[i]}] for i in chunk])
+            answered = self.teacher.chat([[{"role": "user", "content": questions[i]}] for i in chunk],
+                                         progress=f"traces, {self.teacher.name}: {start + len(chunk)}/{len(todo)}")
             self.cache.put_many({keys[i]: dict(r.__dict__) for i, r in zip(chunk, answered) if not r.error})
             replies.update(zip(chunk, answered))
         for i, k in enumerate(keys):

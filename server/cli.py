@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import inspect
+import json
 import logging
 import os
 import re
@@ -227,7 +228,11 @@ def cmd_build_dataset(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s1serve", description="Serve reasoning models with s1 budget forcing.")
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(default: WARNING)")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one JSON object per line (time, level, logger, message and, for finished"
+                        " requests, their fields), for log collectors (default: text)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate a reply to one prompt, streamed to stdout")
@@ -297,9 +302,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class JsonLogFormatter(logging.Formatter):
+    """A log record as one JSON line; `extra={"fields": {...}}` on a call adds machine-readable fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+    converter = time.gmtime
+
+
 def run_command(args: argparse.Namespace, prog: str) -> int:
     """Runs a parsed command (`args.func`) with logging set up; our errors become exit code 2."""
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if args.log_format == "json" else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level, handlers=[handler])
     from .errors import S1ServeError
 
     try:

@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..errors import TaskError
 from .graders import get_grader
 from .metrics import summarize
@@ -73,7 +75,7 @@ class OfflineBackend:
         conversations = [[{"role": "user", "content": r.question.question}] for r in runs]
         sampling = [SamplingParams(temperature=cfg.temperature, max_tokens=r.max_tokens, seed=r.seed) for r in runs]
         budgets = [ThinkBudget(min_think=r.min_think, max_think=r.max_think, max_waits=cfg.max_waits) for r in runs]
-        outs = self.llm.chat(conversations, sampling, budgets)
+        outs = self.llm.chat(conversations, sampling, budgets, progress=f"eval: {len(runs)} runs")
         return [dict(request_id=o.request_id, think_tokens=o.think_tokens, answer_tokens=o.answer_tokens,
                      num_waits=o.num_waits, think_end_forced=o.think_end_forced, finish_reason=o.finish_reason,
                      answer_text=o.answer_text) for o in outs]
@@ -91,6 +93,7 @@ class ServerBackend:
 
         async def main():
             gate = asyncio.Semaphore(cfg.concurrency)
+            bar = tqdm(total=len(runs), desc=f"eval: {len(runs)} runs", unit="req", dynamic_ncols=True)
             async with AsyncS1Client(self.address, api_key=self.api_key) as client:
                 async def one(r: Run) -> dict:
                     async with gate:
@@ -99,12 +102,16 @@ class ServerBackend:
                             temperature=cfg.temperature, seed=r.seed, min_think=r.min_think, max_think=r.max_think,
                             max_waits=cfg.max_waits, budget=True,
                         )
+                    bar.update()
                     u = done.usage
                     return dict(request_id=done.request_id, think_tokens=u.think_tokens, answer_tokens=u.answer_tokens,
                                 num_waits=u.num_waits, think_end_forced=u.think_end_forced,
                                 finish_reason=u.finish_reason, answer_text=done.answer_text)
 
-                return await asyncio.gather(*(one(r) for r in runs))
+                try:
+                    return await asyncio.gather(*(one(r) for r in runs))
+                finally:
+                    bar.close()
 
         return asyncio.run(main())
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from ..engine import AsyncLLM, SamplingParams
+from ..models.paged_attention import attention_backend, prefill_backend
 from .config import ServerConfig
 from .frontend import Frontend
 from .grpc_server import build_grpc_server, set_serving
@@ -61,10 +62,14 @@ class S1Server:
         self.http.ready = True
         engine = self.llm.engine
         template = engine.think_template.name if engine.think_template else "none"
+        device = engine.runner.device.type
+        blocks, block_size = engine.block_manager.num_blocks, engine.config.block_size
         # Printed whatever the log level: an operator sees where it listens and that it is ready.
         print(f"s1serve: ready: {name} ({engine.model_config.model_type} on {engine.runner.device}/{engine.runner.dtype},"
               f" max_model_len {engine.max_model_len}, think template {template}); gRPC {cfg.host}:{self.grpc_port},"
-              f" HTTP {cfg.host}:{self.http_port}", flush=True)
+              f" HTTP {cfg.host}:{self.http_port}; attention {attention_backend(device)} (prefill {prefill_backend(device)}),"
+              f" linear {engine.runner.linear_backend}, KV cache {blocks * block_size:,} tokens ({blocks} blocks x {block_size})",
+              flush=True)
 
     async def stop(self) -> None:
         """Drain: refuse new work, let in-flight requests finish, then stop everything."""

@@ -126,7 +126,10 @@ def test_cli_builds_the_sample(tmp_path, engine_dir, capsys):
     config = sample_config(tmp_path, engine_dir, stages=["dedup", "quality", "traces", "domains", "select"],
                            select={"size": 10, "seed": 1})
     assert main(["build-dataset", str(config), "--out", str(tmp_path / "cli-out"), "--num-proc", "2"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "sources: 164 -> dedup: 156" in printed and "select: 10" in printed
+    # The model stages show progress (tqdm on stderr) with the teacher's name and the requests done.
+    assert f"traces, engine:{engine_dir}: 64/" in captured.err and "req" in captured.err
     assert len(datasets.load_from_disk(str(tmp_path / "cli-out" / "dataset"))) == 10
     shutil.rmtree(tmp_path / "cli-out")

@@ -93,7 +93,7 @@ class ScriptedSolver:
     def __init__(self, name: str, answers: dict[str, str]):
         self.name, self.answers, self.asked = name, answers, []
 
-    def chat(self, conversations):
+    def chat(self, conversations, progress=None):
         replies = []
         for messages in conversations:
             question = messages[-1]["content"].split("\n\nPut your final answer", 1)[0]
@@ -151,7 +151,7 @@ class ScriptedChat:
     def __init__(self, reply: str):
         self.name, self.reply, self.prompts = "scripted", reply, []
 
-    def chat(self, conversations):
+    def chat(self, conversations, progress=None):
         self.prompts += [messages[-1]["content"] for messages in conversations]
         return [Reply(content=self.reply) for _ in conversations]
 
