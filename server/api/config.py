@@ -12,6 +12,8 @@ class ServerConfig:
     host: str = "0.0.0.0"
     grpc_port: int = 50051  # 0 = any free port
     http_port: int = 8000  # 0 = any free port
+    # One key, or several comma-separated: each key is its own tenant, and Abort / Feedback act only
+    # on requests made with the same key (ids never collide across keys).
     api_key: str | None = None
     tls_cert: str | None = None  # PEM files; both or neither
     tls_key: str | None = None
@@ -37,6 +39,10 @@ class ServerConfig:
         for effort, value in self.reasoning_efforts.items():
             if value < 1:
                 raise InvalidConfigError(f"reasoning_effort_{effort}: must be >= 1, got {value}")
+
+    @property
+    def api_keys(self) -> list[str]:
+        return [k.strip() for k in (self.api_key or "").split(",") if k.strip()]
 
     def check_ports_free(self) -> None:
         """Fail in one line before the model loads when a port is taken (no port sharing: two

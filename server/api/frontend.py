@@ -2,6 +2,7 @@
 metrics and log line, feedback, and the load report. Nothing invalid reaches the engine: every
 field is checked here or in `LLMEngine.make_sequence` (called before the request is queued)."""
 
+import hashlib
 import logging
 import math
 import time
@@ -23,10 +24,25 @@ Prompt = str | list[int]
 
 @dataclass
 class ParsedRequest:
-    request_id: str
+    request_id: str  # as the client sees it
     prompt: Prompt
     sampling: SamplingParams
     budget: ThinkBudget | None
+    owner: str = ""  # the API key's tenant ("" without keys)
+
+    @property
+    def engine_id(self) -> str:
+        return engine_id(self.owner, self.request_id)
+
+
+def owner_of(api_key: str) -> str:
+    """A tenant name for an API key that reveals nothing about the key (it reaches logs and ids)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:12]
+
+
+def engine_id(owner: str, request_id: str) -> str:
+    """The engine's id for a client's request: per tenant, so tenants' ids never collide."""
+    return f"{owner}/{request_id}" if owner else request_id
 
 
 @dataclass
@@ -105,6 +121,7 @@ class Frontend:
         logit_bias: dict | None = None, presence_penalty=None, frequency_penalty=None, repetition_penalty=None,
         min_p=None, logprobs: int | None = None,
         budget: dict | None = None, chat_template_kwargs: dict | None = None, reasoning_effort: str | None = None,
+        owner: str = "",
     ) -> ParsedRequest:
         """Turn API fields into engine parameters; raises InvalidRequestError naming the field.
         Sizes are checked before anything is tokenized; the fronts call this off the event loop."""
@@ -181,7 +198,7 @@ class Frontend:
                 think = ThinkBudget(**{k: v or None for k, v in values.items()}, **strings)
             except InvalidRequestError as exc:
                 raise _renamed(exc) from None
-        return ParsedRequest(request_id or f"req-{uuid.uuid4().hex}", prompt, sampling, think)
+        return ParsedRequest(request_id or f"req-{uuid.uuid4().hex}", prompt, sampling, think, owner)
 
     @staticmethod
     def _check_messages(messages) -> list[dict]:
@@ -213,7 +230,7 @@ class Frontend:
         rejected = False
         try:
             # aclosing: when our caller stops early (a client left), the engine request is aborted now.
-            async with aclosing(self.llm.generate(req.prompt, req.sampling, req.request_id, req.budget)) as deltas:
+            async with aclosing(self.llm.generate(req.prompt, req.sampling, req.engine_id, req.budget)) as deltas:
                 async for delta in deltas:
                     last = self._observe(delta, req, usage, start, last)
                     yield delta
@@ -263,26 +280,33 @@ class Frontend:
         m.think_hist.labels(model).observe(usage.think_tokens)
         m.answer_hist.labels(model).observe(usage.answer_tokens)
         m.e2e.labels(model).observe(usage.total_time_s)
-        self._finished[req.request_id] = usage.think_tokens
+        self._finished[req.engine_id] = usage.think_tokens
         while len(self._finished) > self._feedback_memory:
             self._finished.popitem(last=False)
         logger.info(
             "request %s finished (%s): prompt %d, think %d, answer %d tokens, waits %d%s, %.3f s",
-            req.request_id, usage.finish_reason, usage.prompt_tokens, usage.think_tokens, usage.answer_tokens,
+            req.engine_id, usage.finish_reason, usage.prompt_tokens, usage.think_tokens, usage.answer_tokens,
             usage.num_waits, ", think end forced" if usage.think_end_forced else "", usage.total_time_s,
-            extra={"fields": {"request_id": req.request_id, "budgeted": req.budget is not None, **usage.fields()}},
+            extra={"fields": {"request_id": req.request_id, "tenant": req.owner, "budgeted": req.budget is not None,
+                              **usage.fields()}},
         )
 
-    def feedback(self, request_id: str, correct: bool, score: float | None = None) -> None:
-        if request_id not in self._finished:
+    def feedback(self, request_id: str, correct: bool, score: float | None = None, owner: str = "") -> None:
+        """Grade a finished request of this tenant (another tenant's request is not found)."""
+        key = engine_id(owner, request_id)
+        if key not in self._finished:
             raise RequestNotFoundError(request_id)
         outcome = "correct" if correct else "incorrect"
-        self.metrics.feedback.labels(self.model_name, outcome, think_bucket(self._finished[request_id])).inc()
-        logger.info("feedback for %s: %s%s", request_id, outcome, f" (score {score})" if score is not None else "")
+        self.metrics.feedback.labels(self.model_name, outcome, think_bucket(self._finished[key])).inc()
+        logger.info("feedback for %s: %s%s", key, outcome, f" (score {score})" if score is not None else "")
 
-    def abort(self, request_ids: list[str]) -> None:
+    def abort(self, request_ids: list[str], owner: str = "") -> list[str]:
+        """Abort this tenant's requests among `request_ids`; returns those that were running."""
+        running = self.llm.engine.sequences
+        aborted = [r for r in request_ids if engine_id(owner, r) in running]
         for request_id in request_ids:
-            self.llm.abort(request_id)
+            self.llm.abort(engine_id(owner, request_id))
+        return aborted
 
     def load(self) -> dict:
         engine = self.llm.engine

@@ -9,7 +9,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..errors import InvalidConfigError, InvalidRequestError, OverloadedError, RequestNotFoundError, S1ServeError, UnavailableError
-from .frontend import Frontend, StreamUsage
+from .frontend import Frontend, StreamUsage, owner_of
 from .usage import Usage
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc
@@ -22,8 +22,8 @@ OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and to
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, api_key: str):
-        self.expected = f"Bearer {api_key}"
+    def __init__(self, api_keys: list[str]):
+        self.expected = {f"Bearer {k}" for k in api_keys}
 
     @staticmethod
     async def _deny(request, context):
@@ -37,17 +37,17 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         metadata = dict(details.invocation_metadata or ())
-        if handler is None or details.method.startswith(OPEN_METHODS) or metadata.get("authorization") == self.expected:
+        if handler is None or details.method.startswith(OPEN_METHODS) or metadata.get("authorization") in self.expected:
             return handler
         deny = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.unary_unary_rpc_method_handler
         return deny(self._deny_stream if handler.unary_stream else self._deny,
                     handler.request_deserializer, handler.response_serializer)
 
 
-def _parse(frontend: Frontend, request: pb.GenerateRequest):
+def _parse(frontend: Frontend, request: pb.GenerateRequest, owner: str):
     s = request.sampling
     kwargs = dict(
-        request_id=request.request_id,
+        request_id=request.request_id, owner=owner,
         temperature=s.temperature if s.HasField("temperature") else None,
         top_p=s.top_p if s.HasField("top_p") else None,
         top_k=s.top_k if s.HasField("top_k") else None,
@@ -104,15 +104,21 @@ async def _abort_with(context, exc: Exception):
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, frontend: Frontend):
+    def __init__(self, frontend: Frontend, api_keys: list[str] | None = None):
         self.frontend = frontend
+        self.tenants = {f"Bearer {k}": owner_of(k) for k in api_keys or ()}
+
+    def _owner(self, context) -> str:
+        """The caller's tenant (the interceptor has already refused unknown keys)."""
+        metadata = dict(context.invocation_metadata() or ())
+        return self.tenants.get(metadata.get("authorization", ""), "")
 
     async def Generate(self, request, context):
         usage = StreamUsage()
         parts = {"text": [], "think": [], "answer": []}
         forced, logprobs = [], []
         try:
-            req = await asyncio.to_thread(_parse, self.frontend, request)
+            req = await asyncio.to_thread(_parse, self.frontend, request, self._owner(context))
             async for delta in self.frontend.stream(req, usage):
                 parts["text"].append(delta.new_text)
                 parts["think"].append(delta.think_text)
@@ -130,7 +136,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def GenerateStream(self, request, context):
         usage = StreamUsage()
         try:
-            req = await asyncio.to_thread(_parse, self.frontend, request)
+            req = await asyncio.to_thread(_parse, self.frontend, request, self._owner(context))
             async for delta in self.frontend.stream(req, usage):
                 deltas = [pb.TextDelta(phase=p, text=t)
                           for p, t in ((pb.PHASE_THINK, delta.think_text), (pb.PHASE_ANSWER, delta.answer_text)) if t]
@@ -150,15 +156,14 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "outcome: must be CORRECT or INCORRECT")
         try:
             self.frontend.feedback(request.request_id, request.outcome == pb.FeedbackRequest.CORRECT,
-                                   request.score if request.HasField("score") else None)
+                                   request.score if request.HasField("score") else None, self._owner(context))
         except S1ServeError as exc:
             await _abort_with(context, exc)
         return pb.FeedbackResponse()
 
     async def Abort(self, request, context):
-        running = set(self.frontend.llm.engine.sequences)
-        self.frontend.abort(list(request.request_ids))
-        return pb.AbortResponse(aborted=[r for r in request.request_ids if r in running])
+        """Only the caller's own requests: another tenant's id aborts nothing and is not reported."""
+        return pb.AbortResponse(aborted=self.frontend.abort(list(request.request_ids), self._owner(context)))
 
     async def GetModelInfo(self, request, context):
         engine = self.frontend.llm.engine
@@ -179,16 +184,16 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         return pb.Load(**self.frontend.load())
 
 
-def build_grpc_server(frontend: Frontend, address: str, api_key: str | None = None,
+def build_grpc_server(frontend: Frontend, address: str, api_keys: list[str] | None = None,
                       tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """A server on `address` (port 0 = any free port) that is not started yet, its health servicer
     (set SERVING once warmed up), and the bound port."""
     # No SO_REUSEPORT: a second server on the same port must fail, not share the traffic.
     options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.so_reuseport", 0)]
-    interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
+    interceptors = [ApiKeyInterceptor(api_keys)] if api_keys else []
     server = grpc.aio.server(interceptors=interceptors, options=options)
-    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(frontend), server)
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(frontend, api_keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

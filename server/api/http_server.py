@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import InvalidRequestError, OverloadedError, RequestNotFoundError, S1ServeError, UnavailableError
-from .frontend import Frontend, StreamUsage
+from .frontend import Frontend, StreamUsage, owner_of
 from .usage import Usage
 
 BUDGET_FIELDS = ("min_think", "max_think", "max_waits", "wait_string", "answer_prefix")
@@ -40,6 +40,7 @@ KNOWN = {"model", "prompt", "messages", "stream", "stream_options", "n", "reques
          *SAMPLING_FIELDS, *BUDGET_FIELDS, *NEUTRAL, *FREE_FORM,
          "max_completion_tokens", "chat_template_kwargs", "reasoning_effort"}
 OPEN_PATHS = ("/health", "/metrics")
+OWNER = web.RequestKey("owner", str)  # the caller's tenant (its API key's), set by the auth middleware
 logger = logging.getLogger(__name__)
 
 
@@ -91,9 +92,9 @@ def usage_json(u: Usage) -> dict:
 
 
 class HttpFront:
-    def __init__(self, frontend: Frontend, api_key: str | None = None):
+    def __init__(self, frontend: Frontend, api_keys: list[str] | None = None):
         self.frontend = frontend
-        self.api_key = api_key
+        self.tenants = {f"Bearer {k}": owner_of(k) for k in api_keys or ()}  # Authorization -> tenant
         self.ready = False  # /health answers 503 until the engine is warmed up
         self.app = web.Application(middlewares=[self._errors_and_auth], client_max_size=64 * 2**20)
         self.app.add_routes([
@@ -107,9 +108,12 @@ class HttpFront:
 
     @web.middleware
     async def _errors_and_auth(self, request: web.Request, handler):
-        if self.api_key and not request.path.startswith(OPEN_PATHS):
-            if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+        request[OWNER] = ""
+        if self.tenants and not request.path.startswith(OPEN_PATHS):
+            owner = self.tenants.get(request.headers.get("Authorization", ""))
+            if owner is None:
                 return error_response(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+            request[OWNER] = owner
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -143,7 +147,7 @@ class HttpFront:
             raise InvalidRequestError("stream_options", 'must be an object like {"include_usage": true}')
         return body
 
-    def _parse(self, body: dict, kind: str, prefix: str):
+    def _parse(self, body: dict, kind: str, prefix: str, owner: str):
         sampling = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
         if body.get("max_completion_tokens") is not None:
             sampling["max_tokens"] = body["max_completion_tokens"]
@@ -152,7 +156,7 @@ class HttpFront:
         sampling["logprobs"] = self._logprobs(body, kind)
         budget = {k: body[k] for k in BUDGET_FIELDS if k in body}
         request_id = body.get("request_id") or f"{prefix}-{uuid.uuid4().hex[:24]}"
-        common = dict(request_id=request_id, budget=budget or None, reasoning_effort=body.get("reasoning_effort"),
+        common = dict(request_id=request_id, owner=owner, budget=budget or None, reasoning_effort=body.get("reasoning_effort"),
                       chat_template_kwargs=body.get("chat_template_kwargs"), **sampling)
         if kind == "chat":
             if "messages" not in body:
@@ -218,7 +222,8 @@ class HttpFront:
         body = await self._body(request)
         chat = obj == "chat.completion"
         # Rendering and size checks off the event loop: a huge prompt must not stall other streams.
-        req = await asyncio.to_thread(self._parse, body, "chat" if chat else "text", "chatcmpl" if chat else "cmpl")
+        req = await asyncio.to_thread(self._parse, body, "chat" if chat else "text", "chatcmpl" if chat else "cmpl",
+                                      request[OWNER])
         budgeted = req.budget is not None
         usage = StreamUsage()
         created = int(time.time())
@@ -337,7 +342,7 @@ class HttpFront:
         score = body.get("score")
         if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
             raise InvalidRequestError("score", "must be a number")
-        self.frontend.feedback(body["request_id"], outcome == "correct", score)
+        self.frontend.feedback(body["request_id"], outcome == "correct", score, request[OWNER])
         return web.json_response({})
 
     async def health(self, request: web.Request) -> web.Response:

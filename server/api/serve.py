@@ -39,11 +39,11 @@ class S1Server:
         if cfg.tls_cert or cfg.tls_key:
             tls = (Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())
         self.grpc, self.health, self.grpc_port = build_grpc_server(
-            self.frontend, f"{cfg.host}:{cfg.grpc_port}", cfg.api_key, tls
+            self.frontend, f"{cfg.host}:{cfg.grpc_port}", cfg.api_keys, tls
         )
         await set_serving(self.health, False)
         await self.grpc.start()
-        self.http = HttpFront(self.frontend, cfg.api_key)
+        self.http = HttpFront(self.frontend, cfg.api_keys)
         # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
         self.runner = web.AppRunner(self.http.app, access_log=None, handler_cancellation=True)
         await self.runner.setup()

@@ -194,3 +194,46 @@ def test_the_drain_refuses_new_work_as_unavailable(server, stub):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         frontend.draining = False
+
+
+# ---- requests belong to the API key that made them --------------------------------------------------
+def test_abort_and_feedback_act_only_on_the_callers_own_requests(llama_dir):
+    from server.api.serve import BackgroundServer
+    from server.api.v1 import generation_pb2 as pb
+    from server.api.v1 import generation_pb2_grpc
+
+    keys = {"a": "key-of-tenant-a", "b": "key-of-tenant-b"}
+    with BackgroundServer(llama_dir, local(api_key=",".join(keys.values())), num_kv_blocks=64) as s:
+        channel = grpc.insecure_channel(s.grpc_address)
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        auth = {t: (("authorization", f"Bearer {k}"),) for t, k in keys.items()}
+        long = pb.GenerateRequest(prompt="x", request_id="shared-id", sampling=pb.SamplingOptions(temperature=0, max_tokens=300))
+        # The same client id from two tenants: no collision, two requests.
+        a_stream = stub.GenerateStream(long, metadata=auth["a"])
+        b_stream = stub.GenerateStream(long, metadata=auth["b"])
+        next(a_stream), next(b_stream)
+        # b aborts "shared-id": its own request ends, a's goes on to its length.
+        assert list(stub.Abort(pb.AbortRequest(request_ids=["shared-id"]), metadata=auth["b"]).aborted) == ["shared-id"]
+        assert [m for m in b_stream][-1].usage.finish_reason == "abort"
+        assert [m for m in a_stream][-1].usage.finish_reason in ("length", "stop")
+        # A finished request of a's: b can neither grade it (gRPC, REST) nor see it; a can.
+        done = stub.Generate(pb.GenerateRequest(prompt="hi", request_id="graded", sampling=pb.SamplingOptions(max_tokens=4)),
+                             metadata=auth["a"])
+        assert done.request_id == "graded"
+        feedback = pb.FeedbackRequest(request_id="graded", outcome=pb.FeedbackRequest.CORRECT)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Feedback(feedback, metadata=auth["b"])
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        body = json.dumps({"request_id": "graded", "outcome": "correct"}).encode()
+        assert post(s, "/v1/feedback", body, {"Authorization": f"Bearer {keys['b']}"})[0] == 404
+        assert post(s, "/v1/feedback", body, {"Authorization": f"Bearer {keys['a']}"})[0] == 200
+        stub.Feedback(feedback, metadata=auth["a"])
+        # b's Abort of an id only a has running aborts nothing and reports nothing.
+        a_long = stub.GenerateStream(pb.GenerateRequest(prompt="x", request_id="a-only",
+                                                        sampling=pb.SamplingOptions(temperature=0, max_tokens=300)),
+                                     metadata=auth["a"])
+        next(a_long)
+        assert list(stub.Abort(pb.AbortRequest(request_ids=["a-only"]), metadata=auth["b"]).aborted) == []
+        assert [m for m in a_long][-1].usage.finish_reason in ("length", "stop")
+        channel.close()
+        assert_all_blocks_free(s)
