@@ -5,6 +5,7 @@ import asyncio
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -42,6 +43,52 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         deny = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.unary_unary_rpc_method_handler
         return deny(self._deny_stream if handler.unary_stream else self._deny,
                     handler.request_deserializer, handler.response_serializer)
+
+
+class _Malformed:
+    """What a request that does not parse becomes, so that the handler answers INVALID_ARGUMENT
+    (grpc's own deserializer failure is UNKNOWN plus a logged traceback)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _tolerant(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except DecodeError as exc:  # corrupt wire format, or a string field that is not UTF-8
+            return _Malformed(str(exc))
+    return parse
+
+
+def _refusing_malformed(method, streaming: bool):
+    if streaming:
+        async def stream_handler(request, context):
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: {request.reason}")
+            async for message in method(request, context):
+                yield message
+        return stream_handler
+
+    async def unary_handler(request, context):
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: {request.reason}")
+        return await method(request, context)
+    return unary_handler
+
+
+def add_generation_service(servicer: "GenerationService", server) -> None:
+    """The generated `add_GenerationServicer_to_server`, with requests parsed by `_tolerant`."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Generation"].methods:
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            _refusing_malformed(getattr(servicer, method.name), method.server_streaming),
+            request_deserializer=_tolerant(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 def _parse(frontend: Frontend, request: pb.GenerateRequest, owner: str):
@@ -193,7 +240,7 @@ def build_grpc_server(frontend: Frontend, address: str, api_keys: list[str] | No
                ("grpc.so_reuseport", 0)]
     interceptors = [ApiKeyInterceptor(api_keys)] if api_keys else []
     server = grpc.aio.server(interceptors=interceptors, options=options)
-    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(frontend, api_keys), server)
+    add_generation_service(GenerationService(frontend, api_keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -237,3 +237,21 @@ def test_abort_and_feedback_act_only_on_the_callers_own_requests(llama_dir):
         assert [m for m in a_long][-1].usage.finish_reason in ("length", "stop")
         channel.close()
         assert_all_blocks_free(s)
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream", "Feedback", "Abort"])
+@pytest.mark.parametrize("data", [b"\xff\xff\xff", b"\x0a\x02\xff\xfe"], ids=["corrupt", "bad-utf8"])  # field 1 is a string everywhere
+def test_a_grpc_message_that_does_not_parse_is_invalid_argument(server, stub, method, data):
+    from server.api.v1 import generation_pb2 as pb
+
+    channel = grpc.insecure_channel(server.grpc_address)
+    path = f"/s1serve.v1.Generation/{method}"
+    call = (channel.unary_stream if method == "GenerateStream" else channel.unary_unary)(path)  # raw bytes both ways
+    with pytest.raises(grpc.RpcError) as err:
+        reply = call(data, timeout=10)
+        if method == "GenerateStream":
+            list(reply)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("request: Error parsing message")
+    channel.close()
+    assert stub.Generate(pb.GenerateRequest(prompt="still fine", sampling=pb.SamplingOptions(max_tokens=2))).usage.completion_tokens == 2
