@@ -10,40 +10,11 @@ import sys
 import tempfile
 from collections.abc import Callable
 
+from server.answers import chosen_letter, extract_final_answer, last_boxed, normalized_equal  # noqa: F401 (re-exported)
+
 from ..errors import TaskError
 
 Grader = Callable[[str, str, dict], bool]
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1 : j]
-    return None
-
-
-_ANSWER_LINE = re.compile(r"(?:final answer|answer)\s*(?:is)?\s*[:：]\s*(.+)", re.IGNORECASE)
-
-
-def extract_final_answer(text: str) -> str:
-    """The last \\boxed{} value, else what follows the last "Answer:", else the last line."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    matches = _ANSWER_LINE.findall(text)
-    if matches:
-        return matches[-1].strip().rstrip(".")
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 def math_grader(reply: str, reference: str, record: dict) -> bool:
@@ -58,37 +29,10 @@ def math_grader(reply: str, reference: str, record: dict) -> bool:
     return bool(gold and answer and verify(gold, answer))
 
 
-_STANDALONE = r"(?<![A-Za-z])\(?([A-J])\)?(?![A-Za-z])"
-_LETTER_PATTERNS = [
-    re.compile(r"answer\s*(?:is|:|：)\s*\(?([A-J])\)?(?![A-Za-z])", re.IGNORECASE),  # "Answer: C", "answer is (C)"
-    re.compile(r"\(([A-J])\)"),  # "(C)"
-]
-
-
 def multiple_choice_grader(reply: str, reference: str, record: dict) -> bool:
-    """The chosen letter, by precedence: \\boxed{C}; "answer is C" / "Answer: (C)"; the last "(C)";
-    the last standalone capital A-J of the last line (so "I think..." does not read as option I)."""
-    boxed = last_boxed(reply)
-    choice = None
-    if boxed is not None:
-        found = re.findall(_STANDALONE, boxed)
-        choice = found[-1] if found else None
-    for pattern in _LETTER_PATTERNS:
-        if choice is None:
-            found = pattern.findall(reply)
-            choice = found[-1].upper() if found else None
-    if choice is None:
-        lines = [line for line in reply.strip().splitlines() if line.strip()]
-        found = re.findall(_STANDALONE, lines[-1]) if lines else []
-        choice = found[-1] if found else None
+    """The chosen letter (server.answers.chosen_letter) against the reference's."""
+    choice = chosen_letter(reply)
     return choice is not None and choice == reference.strip().strip("()").upper()
-
-
-def _normalize(text: str) -> str:
-    text = text.lower().strip()
-    text = re.sub(r"[^\w\s.-]", "", text)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split()).rstrip(".")
 
 
 def exact_grader(reply: str, reference: str, record: dict) -> bool:
@@ -97,11 +41,7 @@ def exact_grader(reply: str, reference: str, record: dict) -> bool:
 
 def normalized_grader(reply: str, reference: str, record: dict) -> bool:
     """Case, punctuation, articles and whitespace ignored (SQuAD-style), numbers compared as numbers."""
-    got, want = _normalize(extract_final_answer(reply)), _normalize(reference)
-    try:
-        return float(got.replace(",", "")) == float(want.replace(",", ""))
-    except ValueError:
-        return got == want
+    return normalized_equal(extract_final_answer(reply), reference)
 
 
 # Prepended to graded code: sockets refuse to connect or resolve. A guard against tests that

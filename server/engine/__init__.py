@@ -16,7 +16,7 @@ from ..errors import (
 )
 from .llm import LLM
 from .outputs import RequestOutput, StepOutput
-from .params import SamplingParams, ThinkBudget
+from .params import AdaptiveThinking, SamplingParams, ThinkBudget
 from .think import THINK_TEMPLATES, ThinkTemplate
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "EngineConfig",
     "SamplingParams",
     "ThinkBudget",
+    "AdaptiveThinking",
     "ThinkTemplate",
     "THINK_TEMPLATES",
     "RequestOutput",

@@ -75,7 +75,7 @@ class AsyncLLM:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                finished = item.finished
+                finished = item.request_finished
                 yield item
         finally:
             if not finished:
@@ -147,14 +147,15 @@ class AsyncLLM:
         else:
             for request_id in list(self.engine.sequences) if kind == "abort_all" else [arg]:
                 try:
-                    self._publish(self.engine.abort(request_id))
+                    for delta in self.engine.abort(request_id):
+                        self._publish(delta)
                 except RequestNotFoundError:
                     pass  # already finished
 
     def _publish(self, item: StepOutput) -> None:
         with self._lock:
             stream = self._streams.get(item.request_id)
-            if item.finished:
+            if item.request_finished:
                 self._streams.pop(item.request_id, None)
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)

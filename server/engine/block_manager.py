@@ -110,6 +110,26 @@ class BlockManager:
             self.ref_counts[block] = 1
             seq.block_table.append(block)
 
+    def fork(self, parent: Sequence, child: Sequence) -> list[tuple[int, int]] | None:
+        """Copy-on-write: `child` shares every full computed block of `parent` (reference counted;
+        full blocks are never written again) and gets a fresh block for the partly filled last one,
+        whose K/V the caller copies (the returned (source, destination) pairs). None, changing
+        nothing, when no block is free for that copy. The child has parent's computed tokens."""
+        bs = self.block_size
+        full, partial = divmod(parent.num_computed_tokens, bs)
+        if partial and not self.free_blocks:
+            return None
+        for block in parent.block_table[:full]:
+            self.ref_counts[block] += 1
+        child.block_table = parent.block_table[:full]
+        child.block_hashes = parent.block_hashes[:full]
+        child.num_registered_blocks = min(parent.num_registered_blocks, full)
+        child.num_computed_tokens = parent.num_computed_tokens
+        if not partial:
+            return []
+        self._take_fresh(child, 1)
+        return [(parent.block_table[full], child.block_table[-1])]
+
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the blocks that became full and computed during the last step."""
         if not self.enable_prefix_caching:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from ..answers import extract as extract_answer
 from ..errors import (
     DuplicateRequestError,
     InvalidConfigError,
@@ -34,9 +35,9 @@ from .model_runner import ModelRunner, context_len
 from .output_processor import OutputProcessor
 from .outputs import StepOutput
 from .params import SamplingParams, ThinkBudget
-from .sampler import Sample
+from .sampler import Sample, sample_seed
 from .scheduler import ScheduledBatch, Scheduler
-from .sequence import FinishReason, Sequence
+from .sequence import FinishReason, Sequence, SequenceStatus
 from .think import (
     Phase,
     Segment,
@@ -80,7 +81,8 @@ class LLMEngine:
         self.think_template = resolve_think_template(config.think_template, self.tokenizer, self.model_config.model_type)
         self.think_ids = ThinkTokens.from_template(self.think_template, self.tokenizer) if self.think_template else None
         self._rng = random.Random(config.seed)
-        self.sequences: dict[str, Sequence] = {}  # unfinished requests by id, for abort
+        # Unfinished requests by id: their samples (one unless n > 1), finished ones included until all are.
+        self.sequences: dict[str, list[Sequence]] = {}
         logger.info(
             "engine ready: %s on %s/%s, attention %s (prefill %s), linear %s, %d KV blocks x %d tokens, max_model_len %d, think template %s",
             self.model_config.model_type, self.runner.device, self.runner.dtype,
@@ -122,7 +124,12 @@ class LLMEngine:
         else:
             think, max_tokens = self._plan_budget(budget, sampling, len(token_ids), thinking)
         seed = sampling.seed if sampling.seed is not None else self._rng.getrandbits(63)
-        return Sequence(request_id, token_ids, sampling, seed, think=think, max_tokens=max_tokens)
+        seq = Sequence(request_id, token_ids, sampling, seed, think=think, max_tokens=max_tokens)
+        for index in range(1, sampling.n):  # forked off `seq` once its prompt is computed
+            sibling_think = None if budget is None else self._plan_budget(budget, sampling, len(token_ids), thinking)[0]
+            seq.pending_forks.append(Sequence(request_id, token_ids, sampling, sample_seed(seed, index), think=sibling_think,
+                                              max_tokens=max_tokens, index=index, status=SequenceStatus.FORKING))
+        return seq
 
     def _tokenize(self, prompt: Prompt, budgeted: bool) -> tuple[list[int], bool]:
         """The prompt's token ids, with the think opener appended when a budgeted prompt does not
@@ -209,8 +216,9 @@ class LLMEngine:
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.sequences:
             raise DuplicateRequestError(seq.request_id)
-        self.sequences[seq.request_id] = seq
-        self.output.add(seq)
+        self.sequences[seq.request_id] = [seq, *seq.pending_forks]
+        for sample in self.sequences[seq.request_id]:
+            self.output.add(sample)
         self.scheduler.add(seq)
 
     def add_request(
@@ -218,12 +226,20 @@ class LLMEngine:
     ) -> None:
         self.add_sequence(self.make_sequence(request_id, prompt, sampling, budget))
 
-    def abort(self, request_id: str) -> StepOutput:
-        seq = self.sequences.get(request_id)
-        if seq is None:
+    def abort(self, request_id: str, index: int | None = None) -> list[StepOutput]:
+        """End the request's unfinished samples (or only sample `index`); their last deltas
+        (finish_reason abort). The others of an n > 1 request go on unchanged."""
+        samples = self.sequences.get(request_id)
+        if samples is None:
             raise RequestNotFoundError(request_id)
-        self._finish(seq, FinishReason.ABORT)
-        return self.output.process(seq, [], FinishReason.ABORT)
+        deltas = []
+        for seq in samples:
+            if seq.finish_reason is None and index in (None, seq.index):
+                self._finish(seq, FinishReason.ABORT)
+                deltas.append(self.output.process(seq, [], FinishReason.ABORT))
+        for delta in deltas:
+            delta.request_finished = request_id not in self.sequences
+        return deltas
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -233,25 +249,92 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        sampled = self.runner.run(batch)
-        return self._postprocess(batch, sampled)
+        sampled, fork_samples = self.runner.run(batch)
+        return self._postprocess(batch, sampled, fork_samples)
 
-    def _postprocess(self, batch: ScheduledBatch, sampled: list[Sample | None]) -> list[StepOutput]:
+    def _postprocess(self, batch: ScheduledBatch, sampled: list[Sample | None],
+                     fork_samples: list[list[Sample]]) -> list[StepOutput]:
         outputs = []
-        for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, sampled):
+        for seq, n, sample, forks in zip(batch.seqs, batch.num_new_tokens, sampled, fork_samples):
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
             if sample is None:
                 continue  # a prefill chunk that did not reach the end of the prompt
-            token, logprobs = sample
-            segments = self._segments(seq, token)
-            for segment in segments:
-                seq.token_ids += segment.token_ids
-            delta = self.output.process(seq, segments, self._finish_reason(seq, segments[-1]), logprobs)
-            if delta.finished:  # EOS, a stop id or the length here; a stop string on the output side
-                self._finish(seq, FinishReason(delta.finish_reason))
-            outputs.append(delta)
+            if seq.probe_of is not None:
+                outputs += self._advance_probe(seq, sample[0])
+                continue
+            # n > 1: the other samples fork off the computed prompt (before this one may finish and free it).
+            forked = [(child, s) for child, s in zip(seq.pending_forks, forks) if self._fork(seq, child)]
+            seq.pending_forks = []
+            outputs.append(self._advance(seq, sample))
+            outputs += [self._advance(child, s) for child, s in forked]
         return outputs
+
+    def _advance(self, seq: Sequence, sample: Sample) -> StepOutput:
+        """Append what the sampled token becomes; the step's delta for this sample."""
+        token, logprobs = sample
+        segments = self._segments(seq, token)
+        for segment in segments:
+            seq.token_ids += segment.token_ids
+        delta = self.output.process(seq, segments, self._finish_reason(seq, segments[-1]), logprobs)
+        if delta.finished:  # EOS, a stop id or the length here; a stop string on the output side
+            self._finish(seq, FinishReason(delta.finish_reason))
+        elif seq.think is not None and seq.think.probe_due():
+            self._start_probe(seq)
+        delta.request_finished = seq.request_id not in self.sequences
+        return delta
+
+    def _fork(self, parent: Sequence, child: Sequence) -> bool:
+        """Start sample `child` on `parent`'s computed prompt blocks (copy-on-write); True when it
+        takes the first token sampled for it this step. Without a free block for the copy it is
+        queued instead and computes its prompt itself (the prefix cache still shares full blocks)."""
+        copies = self.block_manager.fork(parent, child)
+        if copies is None:
+            child.status = SequenceStatus.WAITING
+            self.scheduler.add(child)
+            return False
+        self.runner.copy_blocks(copies)
+        self.scheduler.add_running(child)
+        return True
+
+    # ---- adaptive thinking ----------------------------------------------------------------------
+    def _start_probe(self, seq: Sequence) -> None:
+        """Fork `seq` into a hidden probe whose prompt is its tokens + the forced end, decoded greedily
+        (with the request's logit_bias); `seq` waits (the scheduler skips it) until the probe's
+        answer is in. No free block: no probe this time."""
+        adaptive = seq.think.budget.adaptive
+        probe = Sequence(f"{seq.request_id}#probe", seq.token_ids + list(seq.think.probe_tail()),
+                         SamplingParams(temperature=0, max_tokens=adaptive.probe_tokens, logit_bias=seq.sampling.logit_bias),
+                         seed=0,
+                         max_tokens=adaptive.probe_tokens, index=seq.index, probe_of=seq)
+        copies = self.block_manager.fork(seq, probe)
+        if copies is None:
+            return
+        self.runner.copy_blocks(copies)
+        self.scheduler.add_running(probe)
+        seq.probe = probe
+        seq.think.num_probes += 1
+
+    def _advance_probe(self, probe: Sequence, token: int) -> list[StepOutput]:
+        """A probe's greedy answer token; when it is done, its answer decides whether thinking ends."""
+        parent = probe.probe_of
+        probe.token_ids.append(token)
+        parent.think.probe_tokens += 1
+        last = Segment(Phase.ANSWER, (token,), forced=False)
+        if self._finish_reason(probe, last) is None:
+            return []
+        self.scheduler.finish(probe)
+        parent.probe = None
+        think = parent.think
+        text = decode_known(self.tokenizer, list(think.answer_prefix) + probe.output_token_ids, True, self.output.vocab_size)
+        if not think.record_probe(extract_answer(text, think.budget.adaptive.method)):
+            return []
+        segments = think.converge()  # the last probes agree: end thinking where they forked
+        for segment in segments:
+            parent.token_ids += segment.token_ids
+        delta = self.output.process(parent, segments, None)
+        delta.request_finished = False
+        return [delta]
 
     def _segments(self, seq: Sequence, token: int) -> list[Segment]:
         """What to append for the sampled token: the token itself, or what budget forcing puts in
@@ -275,4 +358,12 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason
         self.scheduler.finish(seq)
-        del self.sequences[seq.request_id]
+        if seq.probe is not None:  # its probe has nothing left to decide
+            self.scheduler.finish(seq.probe)
+            seq.probe = None
+        for child in seq.pending_forks:  # sample 0 ended before its prompt was computed: the others
+            child.status = SequenceStatus.WAITING  # compute it themselves
+            self.scheduler.add(child)
+        seq.pending_forks = []
+        if all(s.finish_reason is not None for s in self.sequences[seq.request_id]):
+            del self.sequences[seq.request_id]

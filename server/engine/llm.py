@@ -42,7 +42,8 @@ class LLM:
         seqs = [
             self.engine.make_sequence(f"llm-{next(self._ids)}", p, s, b) for p, s, b in zip(prompts, samplings, budgets)
         ]
-        outputs = {s.request_id: RequestOutput(s.request_id, list(s.prompt_token_ids)) for s in seqs}
+        outputs = {(s.request_id, i): RequestOutput(s.request_id, list(s.prompt_token_ids))
+                   for s in seqs for i in range(s.sampling.n)}
         bar = tqdm(total=len(seqs), desc=progress, unit="req", dynamic_ncols=True) if progress else None
         generated = 0
         try:
@@ -50,12 +51,12 @@ class LLM:
                 self.engine.add_sequence(seq)
             while self.engine.has_unfinished():
                 for delta in self.engine.step():
-                    outputs[delta.request_id].add(delta)
+                    outputs[delta.request_id, delta.index].add(delta)
                     generated += len(delta.new_token_ids)
                     if bar is not None:
                         elapsed = bar.format_dict["elapsed"]
                         bar.set_postfix_str(f"{generated / elapsed if elapsed else 0:.1f} tok/s", refresh=False)
-                        bar.update(int(delta.finished))
+                        bar.update(int(delta.request_finished))
         except BaseException:  # an exception or Ctrl-C: leave the engine as it was, ready for the next call
             for seq in seqs:
                 if seq.request_id in self.engine.sequences:
@@ -64,7 +65,10 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        return [outputs[s.request_id] for s in seqs]
+        for s in seqs:
+            if s.sampling.n > 1:
+                outputs[s.request_id, 0].samples = [outputs[s.request_id, i] for i in range(s.sampling.n)]
+        return [outputs[s.request_id, 0] for s in seqs]
 
     def chat(
         self,

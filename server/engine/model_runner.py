@@ -101,9 +101,16 @@ class ModelRunner:
         return max(1, min(int(config.kv_cache_gib * 2**30) // bytes_per_block, usable))
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[Sample | None]:
-        """Returns, per scheduled sequence (in batch order), the sampled token with its logprobs
-        (None unless asked for), or None for a prefill chunk that does not reach the end."""
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """K/V of block `source` into block `destination`, every layer (copy-on-write forks)."""
+        for source, destination in pairs:
+            self.kv_cache[:, :, destination].copy_(self.kv_cache[:, :, source])
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sample | None], list[list[Sample]]]:
+        """Per scheduled sequence (in batch order): the sampled token with its logprobs (None
+        unless asked for), or None for a prefill chunk that does not reach the end; and the first
+        tokens of the samples waiting to fork off it (n > 1), drawn from the same logits row."""
         order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)  # decodes first, stable
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
@@ -111,13 +118,23 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, self.kv_cache, meta)  # (num_tokens, hidden)
 
         result: list[Sample | None] = [None] * len(batch)
-        to_sample = [j for j, row in enumerate(sample_rows) if row is not None]
-        if to_sample:
-            logits = self.model.compute_logits(hidden[[sample_rows[j] for j in to_sample]])
-            samples = self.sampler(logits, [seqs[j] for j in to_sample])
-            for j, sample in zip(to_sample, samples):
-                result[order[j]] = sample
-        return result
+        forks: list[list[Sample]] = [[] for _ in batch.seqs]
+        rows, row_seqs, owners = [], [], []  # owners: (batch index, is a fork's first token)
+        for j, row in enumerate(sample_rows):
+            if row is None:
+                continue
+            for seq in (seqs[j], *seqs[j].pending_forks):
+                rows.append(row)
+                row_seqs.append(seq)
+                owners.append((order[j], seq is not seqs[j]))
+        if rows:
+            logits = self.model.compute_logits(hidden[rows])
+            for (i, is_fork), sample in zip(owners, self.sampler(logits, row_seqs)):
+                if is_fork:
+                    forks[i].append(sample)
+                else:
+                    result[i] = sample
+        return result, forks
 
     def prepare_inputs(self, seqs: list[Sequence], counts: list[int]):
         bs = self.block_size

@@ -41,11 +41,11 @@ class OutputProcessor:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)  # ids past it (extra embedding rows) decode to nothing
-        self.requests: dict[str, RequestState] = {}
+        self.requests: dict[Sequence, RequestState] = {}  # per sample (a Sequence hashes by identity)
 
     def add(self, seq: Sequence) -> None:
         detokenizer = IncrementalDetokenizer(self.tokenizer, self.vocab_size, seq.prompt_token_ids)
-        self.requests[seq.request_id] = RequestState(seq.request_id, seq.sampling.stop, detokenizer,
+        self.requests[seq] = RequestState(seq.request_id, seq.sampling.stop, detokenizer,
                                                      answer_started=seq.think is None or seq.think.phase is Phase.ANSWER,
                                                      wants_logprobs=seq.sampling.logprobs is not None)
 
@@ -54,7 +54,7 @@ class OutputProcessor:
         """Text for the segments the engine just appended; the step's delta. A stop string in the
         answer makes the delta finished with reason "stop" (the engine then finishes the sequence).
         `logprobs` belong to the sampled token, which heads the first unforced segment if it was kept."""
-        state = self.requests[seq.request_id]
+        state = self.requests[seq]
         for segment in segments:
             self._append(state, segment)
             if state.wants_logprobs:
@@ -118,7 +118,7 @@ class OutputProcessor:
         new_token_ids, forced, logprobs = state.new_token_ids, state.new_forced, state.new_logprobs
         state.new_token_ids, state.new_forced, state.new_logprobs = [], [], []
         if finish is not None:
-            del self.requests[seq.request_id]
+            del self.requests[seq]
         t = seq.think
         return StepOutput(
             request_id=seq.request_id,
@@ -138,6 +138,10 @@ class OutputProcessor:
             num_waits=t.num_waits if t else 0,
             think_end_forced=t.think_end_forced if t else False,
             logprobs=logprobs,
+            index=seq.index,
+            num_probes=t.num_probes if t else 0,
+            probe_tokens=t.probe_tokens if t else 0,
+            converged=t.converged if t else False,
         )
 
 

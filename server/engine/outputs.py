@@ -37,6 +37,11 @@ class StepOutput:
     think_end_forced: bool = False
     # Per new token when the request asked for logprobs (None for a forced token); else empty.
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    index: int = 0  # the sample (n > 1); `finished` is this sample's, `request_finished` all samples'
+    request_finished: bool = False
+    num_probes: int = 0  # adaptive thinking: probes run so far, the tokens they generated,
+    probe_tokens: int = 0  # and whether their agreement ended thinking
+    converged: bool = False
 
 
 @dataclass
@@ -56,6 +61,12 @@ class RequestOutput:
     finish_reason: str | None = None
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # per token, when asked for
+    index: int = 0
+    num_probes: int = 0
+    probe_tokens: int = 0
+    converged: bool = False
+    # n > 1: every sample's output by index (this one first); empty for a single sample.
+    samples: list["RequestOutput"] = field(default_factory=list, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -72,5 +83,6 @@ class RequestOutput:
         self.think_tokens, self.answer_tokens = delta.think_tokens, delta.answer_tokens
         self.num_waits, self.think_end_forced = delta.num_waits, delta.think_end_forced
         self.num_cached_tokens = delta.num_cached_tokens
+        self.index, self.num_probes, self.probe_tokens, self.converged = delta.index, delta.num_probes, delta.probe_tokens, delta.converged
         if delta.finished:
             self.finish_reason = delta.finish_reason

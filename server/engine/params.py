@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from ..errors import InvalidSamplingParamError
 
 MAX_LOGPROBS = 20  # most likely alternatives a request may ask for per token (OpenAI's limit)
+MAX_SAMPLES = 64  # n per request
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class SamplingParams:
     # None: no logprobs. k >= 0: each sampled token's log-probability under the model's own
     # distribution (before bias, penalties and temperature, as vLLM's default) and the k most likely.
     logprobs: int | None = None
+    # Samples of the request. They share the prompt's KV blocks (copy-on-write fork after its
+    # prefill); sample i draws with sample_seed(seed, i), so sample 0 is the request without n.
+    n: int = 1
 
     def __post_init__(self):
         # Accept lists from callers but store tuples so the params stay hashable-ish and immutable.
@@ -67,6 +71,8 @@ class SamplingParams:
             raise InvalidSamplingParamError("repetition_penalty", f"must be in (0, 10] (1 disables it), got {self.repetition_penalty}")
         if not 0 <= self.min_p <= 1:
             raise InvalidSamplingParamError("min_p", f"must be in [0, 1], got {self.min_p}")
+        if not 1 <= self.n <= MAX_SAMPLES:
+            raise InvalidSamplingParamError("n", f"must be in [1, {MAX_SAMPLES}], got {self.n}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidSamplingParamError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         for token_id, bias in self.logit_bias.items():
@@ -85,6 +91,30 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class AdaptiveThinking:
+    """Stop thinking once the answer converges (Dynasor-CoT's certainty probe): every `every`
+    thinking tokens the engine forks the sequence, forces the think end and answer prefix on the
+    fork, decodes `probe_tokens` greedy tokens, extracts the answer (server.answers, `method`) and
+    discards the fork; when the last `agree` probes gave the same non-empty answer, thinking ends
+    there (forced, as at max_think). The sequence waits while its probe runs, so its tokens are
+    those of the same request without probes up to the stop."""
+
+    every: int = 64
+    agree: int = 3
+    probe_tokens: int = 24
+    method: str = "math"
+
+    def __post_init__(self):
+        from ..answers import METHODS
+
+        for name, low in (("every", 1), ("agree", 1), ("probe_tokens", 1)):
+            if getattr(self, name) < low:
+                raise InvalidSamplingParamError(f"adaptive.{name}", f"must be >= {low}, got {getattr(self, name)}")
+        if self.method not in METHODS:
+            raise InvalidSamplingParamError("adaptive.method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+
+@dataclass(frozen=True)
 class ThinkBudget:
     """s1 budget forcing limits for one request; 0 or None = no constraint (as in DESIGN.md).
 
@@ -97,6 +127,7 @@ class ThinkBudget:
     max_waits: int | None = None
     wait: str | None = None
     answer_prefix: str | None = None
+    adaptive: AdaptiveThinking | None = None
 
     def __post_init__(self):
         for name in ("min_think", "max_think", "max_waits"):

@@ -24,6 +24,11 @@ def draw_seed(seed: int, position: int) -> int:
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """Sample `index` of a request with `n` samples: index 0 keeps the request's seed."""
+    return seed if index == 0 else draw_seed(seed ^ 0x5EED5A3A1E5, index)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
         """logits: (num_seqs, vocab), one row per sequence. Returns each row's token and, when its

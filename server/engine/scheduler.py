@@ -42,6 +42,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_scheduled_tokens = 0  # tokens computed so far, prompts and outputs (prefix-cache hits excluded)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -57,6 +58,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.probe is not None:  # adaptive thinking: it waits for its probe's answer
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget, self.chunk_cap)
             while not self.blocks.append_slots(seq, n):
                 victim = self.running.pop()
@@ -72,6 +76,10 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            if seq.probe is not None:  # preempted while its probe runs: readmitted once the probe answered
+                break
+            if self.running and len(self.running) + 1 + len(seq.pending_forks) > self.max_num_seqs:
+                break  # its n samples would not fit beside the running ones
             cached = self.blocks.find_cached_prefix(seq)
             n = min(seq.num_tokens - len(cached) * self.blocks.block_size, budget, self.chunk_cap)
             if not self.blocks.allocate(seq, cached, n):
@@ -85,6 +93,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+        self.num_scheduled_tokens += sum(batch.num_new_tokens)
         return batch
 
     def _preempt(self, seq: Sequence) -> None:
@@ -94,11 +103,17 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence forked off a running one: it has its blocks and computed tokens already."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def finish(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence from whichever queue holds it and free its blocks."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        # FORKING: never queued (it joins `running` when forked)
         self.blocks.free(seq)
         seq.status = SequenceStatus.FINISHED

@@ -17,6 +17,7 @@ class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
     FINISHED = auto()
+    FORKING = auto()  # a sample of an n > 1 request, waiting to be forked off its prompt's prefill
 
 
 class FinishReason(str, Enum):
@@ -42,6 +43,12 @@ class Sequence:
     num_preemptions: int = 0
     think: ThinkState | None = None  # budget forcing; None = no think phase (all output is answer)
     max_tokens: int = 1  # generated tokens allowed; LLMEngine resolves it from sampling.max_tokens and the budget
+    index: int = 0  # sample index within the request (n > 1)
+    # The other samples of an n > 1 request, forked off this one (sample 0) once its prompt is computed.
+    pending_forks: list["Sequence"] = field(default_factory=list, repr=False)
+    # Adaptive thinking: the probe in flight (this sequence waits for it), or the sequence probed.
+    probe: "Sequence | None" = field(default=None, repr=False)
+    probe_of: "Sequence | None" = field(default=None, repr=False)
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)

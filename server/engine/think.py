@@ -185,6 +185,7 @@ class Phase(str, Enum):
 class Event(str, Enum):
     WAIT_INSERTED = "WAIT_INSERTED"
     THINK_END_FORCED = "THINK_END_FORCED"
+    THINK_CONVERGED = "THINK_CONVERGED"  # adaptive thinking: the last probes agreed, thinking was ended
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,43 @@ class ThinkState:
     num_waits: int = 0
     think_end_forced: bool = False
     events: list[Event] = field(default_factory=list)  # since the last delta
+    probe_answers: list[str] = field(default_factory=list)  # adaptive thinking: each probe's answer
+    probed_periods: int = 0  # think_tokens // every when the last probe started
+    num_probes: int = 0
+    probe_tokens: int = 0  # tokens the probes generated (not part of this sequence)
+    converged: bool = False  # adaptive thinking ended it
+
+    def probe_due(self) -> bool:
+        """Adaptive thinking probes each time thinking crosses a multiple of `every` tokens (from
+        min_think on, never at the cut itself); True also marks the probe as started."""
+        a = self.budget.adaptive
+        if a is None or self.phase is not Phase.THINK or self.think_tokens // a.every <= self.probed_periods:
+            return False
+        if self.think_tokens < (self.budget.min_think or 0) or self.think_tokens >= self.think_limit:
+            return False
+        self.probed_periods = self.think_tokens // a.every
+        return True
+
+    def probe_tail(self) -> tuple[int, ...]:
+        """What a probe appends to the thinking so far: the forced end, as at the cut."""
+        return self.think_end + self.answer_prefix
+
+    def record_probe(self, answer: str) -> bool:
+        """Note a probe's answer; True when the last `agree` probes gave the same non-empty one."""
+        from ..answers import same
+
+        self.probe_answers.append(answer)
+        a = self.budget.adaptive
+        last = self.probe_answers[-a.agree :]
+        return len(last) == a.agree and all(same(last[0], x, a.method) for x in last[1:])
+
+    def converge(self) -> list[Segment]:
+        """End thinking now (the probes agreed): the forced end and answer prefix, as at the cut."""
+        self.phase = Phase.ANSWER
+        self.think_end_forced = self.converged = True
+        self.events.append(Event.THINK_CONVERGED)
+        return [s for s in (Segment(Phase.DELIMITER, self.think_end, forced=True),
+                            Segment(Phase.ANSWER, self.answer_prefix, forced=True)) if s.token_ids]
 
     def _may_insert_wait(self) -> bool:
         b = self.budget
