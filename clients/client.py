@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from server.answers import Vote
 from server.api.v1 import generation_pb2 as pb
 from server.api.usage import Usage
 from server.api.v1 import generation_pb2_grpc
@@ -29,6 +30,8 @@ class Completion:
     token_ids: list[int]
     usage: Usage
     forced: list[bool] = field(default_factory=list)  # per token: forced by the engine, not sampled
+    samples: list["Completion"] = field(default_factory=list)  # n > 1: every sample, by index
+    vote: Vote | None = None  # when asked for: the majority answer over the samples
 
     @property
     def think_tokens(self) -> int:
@@ -52,6 +55,8 @@ class StreamChunk:
     usage: Usage | None = None
     finished: bool = field(default=False)
     forced: list[bool] = field(default_factory=list)  # per token of token_ids
+    index: int = 0  # the sample (n > 1)
+    vote: Vote | None = None  # on the final chunk, when asked for
 
     @classmethod
     def from_pb(cls, m: pb.GenerateStreamResponse) -> "StreamChunk":
@@ -61,7 +66,8 @@ class StreamChunk:
         finished = m.HasField("usage")
         return cls(m.request_id, text[pb.PHASE_THINK], text[pb.PHASE_ANSWER], list(m.token_ids),
                    [pb.Event.Name(e) for e in m.events], _PHASES[m.phase],
-                   Usage.from_pb(m.usage) if finished else None, finished, list(m.forced))
+                   Usage.from_pb(m.usage) if finished else None, finished, list(m.forced), m.index,
+                   _vote(m.vote) if m.HasField("vote") else None)
 
 
 def build_request(prompt: str | None = None, messages: list[dict] | None = None, *, request_id: str = "",
@@ -69,7 +75,8 @@ def build_request(prompt: str | None = None, messages: list[dict] | None = None,
                   top_k: int | None = None, seed: int | None = None, stop: list[str] | None = None,
                   stop_token_ids: list[int] | None = None, presence_penalty: float | None = None,
                   frequency_penalty: float | None = None, repetition_penalty: float | None = None,
-                  min_p: float | None = None,
+                  min_p: float | None = None, n: int | None = None, vote: str | None = None,
+                  adaptive: dict | bool | None = None,
                   min_think: int | None = None, max_think: int | None = None, max_waits: int | None = None,
                   wait_string: str | None = None, answer_prefix: str | None = None, budget: bool | None = None,
                   chat_template_kwargs: dict | None = None, reasoning_effort: str | None = None) -> pb.GenerateRequest:
@@ -78,7 +85,7 @@ def build_request(prompt: str | None = None, messages: list[dict] | None = None,
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
                         ("top_k", top_k), ("seed", seed), ("presence_penalty", presence_penalty),
                         ("frequency_penalty", frequency_penalty), ("repetition_penalty", repetition_penalty),
-                        ("min_p", min_p)):
+                        ("min_p", min_p), ("n", n)):
         if value is not None:
             setattr(sampling, name, value)
     request = pb.GenerateRequest(request_id=request_id, sampling=sampling)
@@ -90,17 +97,27 @@ def build_request(prompt: str | None = None, messages: list[dict] | None = None,
         request.messages.CopyFrom(pb.Messages(messages=[pb.ChatMessage(**m) for m in messages]))
     fields = dict(min_think=min_think, max_think=max_think, max_waits=max_waits, wait_string=wait_string,
                   answer_prefix=answer_prefix)
-    if budget or any(v is not None for v in fields.values()):
+    if budget or adaptive or any(v is not None for v in fields.values()):
         request.budget.CopyFrom(pb.ThinkBudget(**{k: v for k, v in fields.items() if v is not None}))
+    if adaptive:  # True (the server's defaults) or {every, agree, probe_tokens, method}
+        request.budget.adaptive.CopyFrom(pb.AdaptiveThinking(**(adaptive if isinstance(adaptive, dict) else {})))
+    request.vote = vote or ""
     if chat_template_kwargs is not None:
         request.chat_template_kwargs.update(chat_template_kwargs)
     request.reasoning_effort = reasoning_effort or ""
     return request
 
 
+def _vote(m: pb.Vote) -> Vote:
+    return Vote(m.answer, m.count, list(m.answers), m.method)
+
+
 def _completion(reply: pb.GenerateResponse) -> Completion:
+    samples = [Completion(reply.request_id, s.text, s.think_text, s.answer_text, list(s.token_ids), Usage.from_pb(s.usage),
+                          list(s.forced)) for s in reply.samples]
     return Completion(reply.request_id, reply.text, reply.think_text, reply.answer_text, list(reply.token_ids),
-                      Usage.from_pb(reply.usage), list(reply.forced))
+                      Usage.from_pb(reply.usage), list(reply.forced), samples,
+                      _vote(reply.vote) if reply.HasField("vote") else None)
 
 
 def _credentials(tls: bool, root_certificates: bytes | None):

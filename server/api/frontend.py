@@ -2,6 +2,7 @@
 metrics and log line, feedback, and the load report. Nothing invalid reaches the engine: every
 field is checked here or in `LLMEngine.make_sequence` (called before the request is queued)."""
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -12,7 +13,10 @@ from contextlib import aclosing
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from ..engine import AsyncLLM, SamplingParams, StepOutput, ThinkBudget
+from ..answers import METHODS as ANSWER_METHODS
+from ..answers import Vote, majority
+from ..engine import AdaptiveThinking, AsyncLLM, SamplingParams, StepOutput, ThinkBudget
+from ..engine.params import MAX_SAMPLES
 from ..errors import InvalidRequestError, OverloadedError, RequestNotFoundError, UnavailableError
 from .metrics import Metrics, think_bucket
 from .usage import Usage
@@ -29,6 +33,7 @@ class ParsedRequest:
     sampling: SamplingParams
     budget: ThinkBudget | None
     owner: str = ""  # the API key's tenant ("" without keys)
+    vote: str | None = None  # n > 1: aggregate the samples' answers by this extraction method
 
     @property
     def engine_id(self) -> str:
@@ -47,9 +52,34 @@ def engine_id(owner: str, request_id: str) -> str:
 
 @dataclass
 class StreamUsage(Usage):
-    """Usage plus the generated token ids, accumulated while a request streams."""
+    """Usage plus the generated token ids, accumulated while a request streams. With n > 1 the
+    counts are summed over the samples, `token_ids` are sample 0's and `samples` holds each one's."""
 
     token_ids: list[int] = field(default_factory=list)
+    samples: dict[int, "StreamUsage"] = field(default_factory=dict)
+
+    SUMMED = ("think_tokens", "answer_tokens", "completion_tokens", "num_waits", "num_probes", "probe_tokens",
+              "think_converged")
+
+    def add(self, delta: StepOutput, n: int) -> None:
+        """Fold one delta in: its sample's running totals, then the request's sums."""
+        s = self.samples.setdefault(delta.index, StreamUsage())
+        s.token_ids += delta.new_token_ids
+        s.think_tokens, s.answer_tokens = delta.think_tokens, delta.answer_tokens
+        s.num_waits, s.think_end_forced = delta.num_waits, delta.think_end_forced
+        s.num_probes, s.probe_tokens, s.think_converged = delta.num_probes, delta.probe_tokens, int(delta.converged)
+        s.completion_tokens = len(s.token_ids)
+        s.finish_reason = delta.finish_reason or ""
+        s.prompt_tokens, s.cached_prompt_tokens = delta.num_prompt_tokens, delta.num_cached_tokens
+        self.prompt_tokens, self.cached_prompt_tokens = delta.num_prompt_tokens, delta.num_cached_tokens
+        for name in self.SUMMED:
+            setattr(self, name, sum(getattr(x, name) for x in self.samples.values()))
+        self.think_end_forced = any(x.think_end_forced for x in self.samples.values())
+        self.token_ids = self.samples[0].token_ids if 0 in self.samples else []
+        self.num_samples = n
+        if delta.request_finished:  # the request's reason: the worst of its samples'
+            reasons = {x.finish_reason for x in self.samples.values()}
+            self.finish_reason = next(r for r in ("abort", "length", "stop", "") if r in reasons or r == "")
 
 
 # Bounds on what a request may carry, checked before anything is tokenized.
@@ -91,6 +121,21 @@ def _logit_bias(value) -> dict[int, float]:
     return bias
 
 
+def _adaptive(value) -> AdaptiveThinking | None:
+    """`true` (the defaults), `false`, or an object with any of every / agree / probe_tokens / method."""
+    if value is False:
+        return None
+    if value is True:
+        return AdaptiveThinking()
+    fields = {"every", "agree", "probe_tokens", "method"}
+    if not isinstance(value, dict) or set(value) - fields:
+        raise InvalidRequestError("adaptive", f"must be true or an object with {', '.join(sorted(fields))}")
+    kwargs = {k: _int_field(f"adaptive.{k}", value[k], 1) for k in ("every", "agree", "probe_tokens") if value.get(k) is not None}
+    if value.get("method") is not None:
+        kwargs["method"] = _string_field("adaptive.method", value["method"])
+    return AdaptiveThinking(**kwargs)
+
+
 def check_request_id(request_id) -> str:
     """Client ids reach logs and metrics: printable ASCII without spaces, bounded."""
     _string_field("request_id", request_id, MAX_REQUEST_ID_CHARS)
@@ -119,7 +164,7 @@ class Frontend:
         self, *, request_id: str = "", prompt: Prompt | None = None, messages: list[dict] | None = None,
         temperature=None, top_p=None, top_k=None, seed=None, max_tokens=None, stop=None, stop_token_ids=None,
         logit_bias: dict | None = None, presence_penalty=None, frequency_penalty=None, repetition_penalty=None,
-        min_p=None, logprobs: int | None = None,
+        min_p=None, logprobs: int | None = None, n=None, vote: str | None = None,
         budget: dict | None = None, chat_template_kwargs: dict | None = None, reasoning_effort: str | None = None,
         owner: str = "",
     ) -> ParsedRequest:
@@ -175,7 +220,14 @@ class Frontend:
                 kwargs[name] = _float_field(name, value)
         if logprobs is not None:
             kwargs["logprobs"] = _int_field("logprobs", logprobs)
+        if n is not None:
+            kwargs["n"] = _int_field("n", n, 1, MAX_SAMPLES)
         sampling = SamplingParams(**kwargs)
+        if vote is not None:
+            if vote not in ANSWER_METHODS:
+                raise InvalidRequestError("vote", f"must be one of {', '.join(ANSWER_METHODS)}, got {vote!r}")
+            if sampling.n < 2:
+                raise InvalidRequestError("vote", "needs n > 1 samples to vote over")
         if reasoning_effort:
             if not isinstance(reasoning_effort, str) or reasoning_effort not in self.reasoning_efforts:
                 raise InvalidRequestError("reasoning_effort", f"must be one of {', '.join(self.reasoning_efforts)}, got {reasoning_effort!r}")
@@ -194,11 +246,14 @@ class Frontend:
                 if value is not None:
                     _string_field(name, value)
                 strings[key] = (value or None) if empty_is_unset else value
+            adaptive = budget.get("adaptive")
+            if adaptive is not None:
+                strings["adaptive"] = _adaptive(adaptive)
             try:
                 think = ThinkBudget(**{k: v or None for k, v in values.items()}, **strings)
             except InvalidRequestError as exc:
                 raise _renamed(exc) from None
-        return ParsedRequest(request_id or f"req-{uuid.uuid4().hex}", prompt, sampling, think, owner)
+        return ParsedRequest(request_id or f"req-{uuid.uuid4().hex}", prompt, sampling, think, owner, vote)
 
     @staticmethod
     def _check_messages(messages) -> list[dict]:
@@ -249,7 +304,7 @@ class Frontend:
         m, model = self.metrics, self.model_name
         now = time.perf_counter()
         if delta.new_token_ids:
-            if not usage.token_ids:
+            if not any(x.token_ids for x in usage.samples.values()):
                 usage.time_to_first_token_s = now - start
                 m.ttft.labels(model).observe(now - start)
             else:
@@ -258,13 +313,10 @@ class Frontend:
                 usage.time_to_first_answer_token_s = now - start
                 m.ttfat.labels(model).observe(now - start)
             last = now
-        usage.token_ids += delta.new_token_ids
-        usage.prompt_tokens, usage.cached_prompt_tokens = delta.num_prompt_tokens, delta.num_cached_tokens
-        usage.think_tokens, usage.answer_tokens = delta.think_tokens, delta.answer_tokens
-        usage.num_waits, usage.think_end_forced = delta.num_waits, delta.think_end_forced
-        usage.completion_tokens = len(usage.token_ids)
-        usage.finish_reason = delta.finish_reason or ""
-        if delta.finished:  # before the last delta goes out: the fronts copy usage from it
+        usage.add(delta, req.sampling.n)
+        if delta.finished:
+            usage.samples[delta.index].total_time_s = now - start
+        if delta.request_finished:  # before the last delta goes out: the fronts copy usage from it
             usage.total_time_s = now - start
         return last
 
@@ -280,6 +332,10 @@ class Frontend:
         m.think_hist.labels(model).observe(usage.think_tokens)
         m.answer_hist.labels(model).observe(usage.answer_tokens)
         m.e2e.labels(model).observe(usage.total_time_s)
+        m.samples_hist.labels(model).observe(usage.num_samples)
+        m.probes.labels(model).inc(usage.num_probes)
+        m.probe_tokens.labels(model).inc(usage.probe_tokens)
+        m.adaptive_stops.labels(model).inc(usage.think_converged)
         self._finished[req.engine_id] = usage.think_tokens
         while len(self._finished) > self._feedback_memory:
             self._finished.popitem(last=False)
@@ -290,6 +346,12 @@ class Frontend:
             extra={"fields": {"request_id": req.request_id, "tenant": req.owner, "budgeted": req.budget is not None,
                               **usage.fields()}},
         )
+
+    async def vote(self, req: ParsedRequest, texts: list[str]) -> Vote:
+        """The majority answer over the samples' answers (off the event loop: math-verify is slow)."""
+        vote = await asyncio.to_thread(majority, texts, req.vote)
+        self.metrics.vote_agreement.labels(self.model_name).observe(vote.count / len(texts))
+        return vote
 
     def feedback(self, request_id: str, correct: bool, score: float | None = None, owner: str = "") -> None:
         """Grade a finished request of this tenant (another tenant's request is not found)."""

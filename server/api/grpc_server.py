@@ -18,7 +18,7 @@ from .v1 import generation_pb2_grpc
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 MAX_MESSAGE_BYTES = 64 * 2**20
 PHASES = {"think": pb.PHASE_THINK, "answer": pb.PHASE_ANSWER}
-EVENTS = {"WAIT_INSERTED": pb.WAIT_INSERTED, "THINK_END_FORCED": pb.THINK_END_FORCED}
+EVENTS = {"WAIT_INSERTED": pb.WAIT_INSERTED, "THINK_END_FORCED": pb.THINK_END_FORCED, "THINK_CONVERGED": pb.THINK_CONVERGED}
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and tools need no key
 
 
@@ -104,7 +104,8 @@ def _parse(frontend: Frontend, request: pb.GenerateRequest, owner: str):
         stop_token_ids=list(s.stop_token_ids) or None,
         logit_bias=dict(s.logit_bias) or None,
         **{name: getattr(s, name) if s.HasField(name) else None
-           for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logprobs")},
+           for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logprobs", "n")},
+        vote=request.vote or None,
     )
     if request.HasField("chat_template_kwargs"):
         kwargs["chat_template_kwargs"] = json_format.MessageToDict(request.chat_template_kwargs)
@@ -119,6 +120,10 @@ def _parse(frontend: Frontend, request: pb.GenerateRequest, owner: str):
         kwargs["budget"] = dict(min_think=b.min_think, max_think=b.max_think, max_waits=b.max_waits,
                                 wait_string=b.wait_string,
                                 answer_prefix=b.answer_prefix if b.HasField("answer_prefix") else None)
+        if b.HasField("adaptive"):
+            a = b.adaptive
+            kwargs["budget"]["adaptive"] = {"every": a.every or None, "agree": a.agree or None,
+                                            "probe_tokens": a.probe_tokens or None, "method": a.method or None}
     return frontend.parse(**kwargs)
 
 
@@ -131,6 +136,11 @@ def _logprobs(engine, token_ids: list[int], logprobs: list) -> list[pb.TokenLogp
             message.top.extend(pb.TopLogprob(token_id=t, token=engine.token_text(t), logprob=v) for t, v in lp.top)
         out.append(message)
     return out
+
+
+def _answer(sample: dict, req) -> str:
+    """What a vote reads of a sample: its answer phase (all of its text without a budget)."""
+    return "".join(sample["answer"] if req.budget is not None else sample["text"])
 
 
 def _usage(u: Usage) -> pb.Usage:
@@ -162,26 +172,37 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     async def Generate(self, request, context):
         usage = StreamUsage()
-        parts = {"text": [], "think": [], "answer": []}
-        forced, logprobs = [], []
+        samples: dict[int, dict] = {}
         try:
             req = await asyncio.to_thread(_parse, self.frontend, request, self._owner(context))
             async for delta in self.frontend.stream(req, usage):
-                parts["text"].append(delta.new_text)
-                parts["think"].append(delta.think_text)
-                parts["answer"].append(delta.answer_text)
-                forced += delta.forced
-                logprobs += delta.logprobs
+                s = samples.setdefault(delta.index, {"text": [], "think": [], "answer": [], "forced": [], "logprobs": []})
+                s["text"].append(delta.new_text)
+                s["think"].append(delta.think_text)
+                s["answer"].append(delta.answer_text)
+                s["forced"] += delta.forced
+                s["logprobs"] += delta.logprobs
+            vote = await self.frontend.vote(req, [_answer(samples[i], req) for i in sorted(samples)]) if req.vote else None
         except S1ServeError as exc:
             await _abort_with(context, exc)
-        return pb.GenerateResponse(
-            request_id=req.request_id, text="".join(parts["text"]), think_text="".join(parts["think"]),
-            answer_text="".join(parts["answer"]), token_ids=usage.token_ids, usage=_usage(usage), forced=forced,
-            logprobs=_logprobs(self.frontend.llm.engine, usage.token_ids, logprobs),
+        engine = self.frontend.llm.engine
+        out = [pb.Sample(index=i, text="".join(s["text"]), think_text="".join(s["think"]), answer_text="".join(s["answer"]),
+                         token_ids=usage.samples[i].token_ids, forced=s["forced"], usage=_usage(usage.samples[i]))
+               for i, s in sorted(samples.items())]
+        first = out[0]
+        reply = pb.GenerateResponse(
+            request_id=req.request_id, text=first.text, think_text=first.think_text, answer_text=first.answer_text,
+            token_ids=first.token_ids, usage=_usage(usage), forced=first.forced,
+            logprobs=_logprobs(engine, list(first.token_ids), samples[0]["logprobs"]),
+            samples=out if req.sampling.n > 1 else [],
         )
+        if vote is not None:
+            reply.vote.CopyFrom(pb.Vote(answer=vote.answer, count=vote.count, answers=vote.answers, method=vote.method))
+        return reply
 
     async def GenerateStream(self, request, context):
         usage = StreamUsage()
+        answers: dict[int, list[str]] = {}
         try:
             req = await asyncio.to_thread(_parse, self.frontend, request, self._owner(context))
             async for delta in self.frontend.stream(req, usage):
@@ -191,9 +212,15 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     request_id=req.request_id, deltas=deltas, token_ids=delta.new_token_ids, forced=delta.forced,
                     events=[EVENTS[e] for e in delta.events], phase=PHASES[delta.phase],
                     logprobs=_logprobs(self.frontend.llm.engine, delta.new_token_ids, delta.logprobs),
+                    index=delta.index, finish_reason=delta.finish_reason or "",
                 )
-                if delta.finished:
+                answers.setdefault(delta.index, []).append(delta.answer_text if req.budget is not None else delta.new_text)
+                if delta.request_finished:
                     message.usage.CopyFrom(_usage(usage))
+                    if req.vote:
+                        vote = await self.frontend.vote(req, ["".join(answers[i]) for i in sorted(answers)])
+                        message.vote.CopyFrom(pb.Vote(answer=vote.answer, count=vote.count, answers=vote.answers,
+                                                      method=vote.method))
                 yield message
         except S1ServeError as exc:
             await _abort_with(context, exc)

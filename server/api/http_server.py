@@ -22,7 +22,7 @@ from ..errors import InvalidRequestError, OverloadedError, RequestNotFoundError,
 from .frontend import Frontend, StreamUsage, owner_of
 from .usage import Usage
 
-BUDGET_FIELDS = ("min_think", "max_think", "max_waits", "wait_string", "answer_prefix")
+BUDGET_FIELDS = ("min_think", "max_think", "max_waits", "wait_string", "answer_prefix", "adaptive")
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop", "stop_token_ids",
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")
 # OpenAI fields we do not implement, with the values that ask for nothing (what frameworks such as
@@ -36,7 +36,7 @@ NEUTRAL = {
 }
 # Accepted whatever they hold: they change nothing here (prefix caching is automatic).
 FREE_FORM = {"metadata", "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention"}
-KNOWN = {"model", "prompt", "messages", "stream", "stream_options", "n", "request_id", "logit_bias", "logprobs", "top_logprobs",
+KNOWN = {"model", "prompt", "messages", "stream", "stream_options", "n", "vote", "request_id", "logit_bias", "logprobs", "top_logprobs",
          *SAMPLING_FIELDS, *BUDGET_FIELDS, *NEUTRAL, *FREE_FORM,
          "max_completion_tokens", "chat_template_kwargs", "reasoning_effort"}
 OPEN_PATHS = ("/health", "/metrics")
@@ -88,6 +88,11 @@ def usage_json(u: Usage) -> dict:
         "completion_tokens_details": {"reasoning_tokens": u.think_tokens},
         "num_waits": u.num_waits,
         "think_end_forced": u.think_end_forced,
+        # Test-time scaling: probe tokens are generated but in no choice (a request costs both).
+        "num_samples": u.num_samples,
+        "num_probes": u.num_probes,
+        "probe_tokens": u.probe_tokens,
+        "think_converged": u.think_converged,
     }
 
 
@@ -135,8 +140,6 @@ class HttpFront:
         for name, neutral in NEUTRAL.items():
             if name in body and not _is_neutral(body[name], neutral):
                 raise InvalidRequestError(name, f"is not implemented; only {', '.join(json.dumps(v) for v in neutral)} accepted")
-        if body.get("n", 1) != 1:
-            raise InvalidRequestError("n", "only n=1 is supported")
         model = body.get("model")
         if model not in (None, self.frontend.model_name):
             raise InvalidRequestError("model", f"{model!r} is not served here; this server serves {self.frontend.model_name!r}")
@@ -154,6 +157,8 @@ class HttpFront:
         if body.get("logit_bias") is not None:
             sampling["logit_bias"] = body["logit_bias"]
         sampling["logprobs"] = self._logprobs(body, kind)
+        sampling["n"] = body.get("n")
+        sampling["vote"] = body.get("vote")
         budget = {k: body[k] for k in BUDGET_FIELDS if k in body}
         request_id = body.get("request_id") or f"{prefix}-{uuid.uuid4().hex[:24]}"
         common = dict(request_id=request_id, owner=owner, budget=budget or None, reasoning_effort=body.get("reasoning_effort"),
@@ -237,24 +242,35 @@ class HttpFront:
             entries = self._logprob_entries(token_ids, logprobs)
             return {"content": entries} if chat else self._completion_logprobs(entries, offset)
 
+        def vote_json(vote) -> dict:
+            return {"answer": vote.answer, "count": vote.count, "answers": vote.answers, "method": vote.method}
+
         if not body.get("stream"):
-            think, answer, text, logprobs = [], [], [], []
+            samples: dict[int, dict] = {}
             async for delta in stream:
-                think.append(delta.think_text)
-                answer.append(delta.answer_text)
-                text.append(delta.new_text)
-                logprobs += delta.logprobs
-            content = "".join(answer) if budgeted else "".join(text)
-            reasoning = "".join(think) if budgeted else None
-            lp = logprobs_json(usage.token_ids, logprobs)
-            if chat:
-                message = {"role": "assistant", "content": content, "reasoning_content": reasoning, "reasoning": reasoning}
-                choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": usage.finish_reason}
-            else:
-                choice = {"index": 0, "text": content, "reasoning_content": reasoning, "reasoning": reasoning,
-                          "logprobs": lp, "finish_reason": usage.finish_reason}
-            return web.json_response({"id": req.request_id, "object": obj, "created": created, "model": model,
-                                      "choices": [choice], "usage": usage_json(usage)})
+                s = samples.setdefault(delta.index, {"think": [], "answer": [], "text": [], "logprobs": []})
+                s["think"].append(delta.think_text)
+                s["answer"].append(delta.answer_text)
+                s["text"].append(delta.new_text)
+                s["logprobs"] += delta.logprobs
+            choices, contents = [], []
+            for index, s in sorted(samples.items()):
+                content = "".join(s["answer"]) if budgeted else "".join(s["text"])
+                reasoning = "".join(s["think"]) if budgeted else None
+                contents.append(content)
+                lp = logprobs_json(usage.samples[index].token_ids, s["logprobs"])
+                finish = usage.samples[index].finish_reason
+                if chat:
+                    message = {"role": "assistant", "content": content, "reasoning_content": reasoning, "reasoning": reasoning}
+                    choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": finish})
+                else:
+                    choices.append({"index": index, "text": content, "reasoning_content": reasoning, "reasoning": reasoning,
+                                    "logprobs": lp, "finish_reason": finish})
+            reply = {"id": req.request_id, "object": obj, "created": created, "model": model,
+                     "choices": choices, "usage": usage_json(usage)}
+            if req.vote:
+                reply["vote"] = vote_json(await self.frontend.vote(req, contents))
+            return web.json_response(reply)
 
         # SSE. The first delta is awaited before the headers go out, so a request the engine
         # rejects still gets a plain 400/429 instead of a broken stream.
@@ -268,11 +284,9 @@ class HttpFront:
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
-        async def send(choice: dict, with_usage: bool = False) -> None:
+        async def send(choice: dict, extra: dict | None = None) -> None:
             payload = {"id": req.request_id, "object": chunk_obj, "created": created, "model": model,
-                       "choices": [choice] if choice else []}
-            if with_usage:
-                payload["usage"] = usage_json(usage)
+                       "choices": [choice] if choice else [], **(extra or {})}
             await response.write(f"data: {json.dumps(payload)}\n\n".encode())
 
         async def deltas():
@@ -281,41 +295,45 @@ class HttpFront:
             async for d in iterator:
                 yield d
 
-        # Logprobs of tokens whose text has not gone out yet travel with the next chunk sent.
-        pending_ids: list[int] = []
-        pending_logprobs: list = []
-        text_offset = 0
+        # Per sample: logprobs of tokens whose text has not gone out yet travel with its next chunk.
+        pending: dict[int, tuple[list[int], list]] = {}
+        text_offset: dict[int, int] = {}
+        contents: dict[int, list[str]] = {}
 
-        async def send_text(reasoning: str, content: str, finish: str | None) -> None:
-            nonlocal text_offset
-            lp = logprobs_json(pending_ids, pending_logprobs, text_offset)
+        async def send_text(index: int, reasoning: str, content: str, finish: str | None) -> None:
+            ids, logprobs = pending.pop(index, ([], []))
+            lp = logprobs_json(ids, logprobs, text_offset.get(index, 0))
             if lp is not None and not chat:
-                text_offset += sum(map(len, lp["tokens"]))
-            pending_ids.clear()
-            pending_logprobs.clear()
+                text_offset[index] = text_offset.get(index, 0) + sum(map(len, lp["tokens"]))
             if chat:
                 delta = {"reasoning_content": reasoning, "reasoning": reasoning} if reasoning else {"content": content}
-                await send({"index": 0, "delta": delta if reasoning or content else {}, "logprobs": lp, "finish_reason": finish})
+                await send({"index": index, "delta": delta if reasoning or content else {}, "logprobs": lp, "finish_reason": finish})
             else:
-                await send({"index": 0, "text": content, "reasoning_content": reasoning or None,
+                await send({"index": index, "text": content, "reasoning_content": reasoning or None,
                             "reasoning": reasoning or None, "logprobs": lp, "finish_reason": finish})
 
         try:
             if chat:
-                await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+                for index in range(req.sampling.n):
+                    await send({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
             async for d in deltas():
-                pending_ids.extend(d.new_token_ids)
-                pending_logprobs.extend(d.logprobs)
+                ids, logprobs = pending.setdefault(d.index, ([], []))
+                ids.extend(d.new_token_ids)
+                logprobs.extend(d.logprobs)
                 content = d.answer_text if budgeted else d.new_text
+                contents.setdefault(d.index, []).append(content)
                 reasoning = d.think_text if budgeted else ""
                 finish = d.finish_reason if d.finished else None
                 # A chunk carries reasoning or content, never both (a step may span the phase change).
                 if reasoning:
-                    await send_text(reasoning, "", None if content else finish)
+                    await send_text(d.index, reasoning, "", None if content else finish)
                 if content or (finish and not reasoning):
-                    await send_text("", content, finish)
+                    await send_text(d.index, "", content, finish)
+            if req.vote:  # after every sample's end: the majority answer
+                vote = await self.frontend.vote(req, ["".join(contents.get(i, [])) for i in range(req.sampling.n)])
+                await send({}, {"vote": vote_json(vote)})
             if include_usage:
-                await send({}, with_usage=True)
+                await send({}, {"usage": usage_json(usage)})
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         except ConnectionResetError:  # the client left mid-stream

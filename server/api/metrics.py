@@ -46,6 +46,13 @@ class Metrics:
         self.waits = Counter("s1serve_wait_insertions", "Waits inserted by budget forcing", m, registry=r)
         self.forced_ends = Counter("s1serve_think_end_forced", "Think phases ended at max_think", m, registry=r)
         self.feedback = Counter("s1serve_feedback", "Graded outcomes", [*m, "outcome", "think_bucket"], registry=r)
+        self.probes = Counter("s1serve_adaptive_probes", "Adaptive-thinking probes run", m, registry=r)
+        self.probe_tokens = Counter("s1serve_adaptive_probe_tokens", "Tokens the probes generated", m, registry=r)
+        self.adaptive_stops = Counter("s1serve_adaptive_stops", "Samples whose thinking the probes ended", m, registry=r)
+        self.samples_hist = Histogram("s1serve_request_samples", "Samples per request (n)", m,
+                                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.vote_agreement = Histogram("s1serve_vote_agreement_ratio", "Majority count / n of voted requests", m,
+                                        buckets=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0), registry=r)
 
         self.prompt_hist = Histogram("s1serve_request_prompt_tokens", "Prompt tokens per request", m, buckets=TOKEN_BUCKETS, registry=r)
         self.think_hist = Histogram("s1serve_request_think_tokens", "Thinking tokens per request", m, buckets=TOKEN_BUCKETS, registry=r)

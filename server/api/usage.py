@@ -17,6 +17,13 @@ class Usage:
     time_to_first_token_s: float = 0.0
     time_to_first_answer_token_s: float = 0.0
     total_time_s: float = 0.0
+    # Test-time scaling: samples of the request (n), adaptive-thinking probes and their tokens
+    # (generated, but not part of any sample: completion_tokens excludes them), and samples whose
+    # thinking the probes ended. Tokens above are summed over the samples.
+    num_samples: int = 1
+    num_probes: int = 0
+    probe_tokens: int = 0
+    think_converged: int = 0
 
     def fields(self) -> dict:
         """The usage fields only (subclasses may carry more), e.g. for `pb.Usage(**u.fields())`."""
