@@ -190,14 +190,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from clients.errors import TaskError
     from clients.eval import OfflineBackend, ServerBackend, SweepConfig, load_task, run_sweep
 
+    def int_list(flag: str, text: str | None) -> list[int]:
+        try:
+            return [int(b) for b in text.split(",")] if text else []
+        except ValueError:
+            raise TaskError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
     try:
-        budgets = [int(b) for b in args.budgets.split(",")]
-    except ValueError:
-        budgets = []
-    try:
-        cfg = SweepConfig(budgets=budgets, min_think=args.min_think, max_waits=args.max_waits, samples=args.samples,
-                          temperature=args.temperature, seed=args.sampling_seed, answer_tokens=args.answer_tokens,
-                          rejection_tries=args.compare_rejection, concurrency=args.concurrency)
+        cfg = SweepConfig(budgets=int_list("--budgets", args.budgets), min_think=args.min_think, max_waits=args.max_waits,
+                          samples=args.samples, temperature=args.temperature, seed=args.sampling_seed,
+                          answer_tokens=args.answer_tokens, rejection_tries=args.compare_rejection,
+                          concurrency=args.concurrency, parallel=int_list("--parallel", args.parallel),
+                          parallel_max_think=args.parallel_max_think, parallel_temperature=args.parallel_temperature,
+                          adaptive=int_list("--adaptive", args.adaptive), adaptive_every=args.adaptive_every,
+                          adaptive_agree=args.adaptive_agree, adaptive_probe_tokens=args.adaptive_probe_tokens)
         questions = load_task(args.task, args.grader, args.limit)
     except TaskError as exc:
         print(f"s1serve: error: {exc}", file=sys.stderr)
@@ -208,11 +214,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         backend = OfflineBackend(resolve_model_dir(args.model), **dataclasses.asdict(config_from_args(args, EngineConfig)))
     summary = run_sweep(questions, cfg, backend, Path(args.out), resume=args.resume)
     for method, scores in summary["methods"].items():
-        print(f"{method}: control {scores['control']:.2f}, scaling {scores['scaling_per_1k_tokens']:+.3f}/1k tokens, "
-              f"performance {scores['performance']:.3f}")
+        print(f"{method}: control {scores['control']:.2f}, scaling {scores['scaling_per_1k_tokens']:+.3f}/1k thinking tokens"
+              f" ({scores['scaling_per_1k_total_tokens']:+.3f}/1k total), performance {scores['performance']:.3f}")
         for p in scores["per_budget"]:
-            print(f"  budget {p['budget']:>6}: accuracy {p['accuracy']:.3f}, thinking mean {p['mean_think_tokens']:.0f} "
-                  f"p90 {p['p90_think_tokens']:.0f}, waits {p['mean_waits']:.2f}")
+            point = f"n {p['budget']:>6}" if method == "parallel_vote" else f"budget {p['budget']:>6}"
+            print(f"  {point}: accuracy {p['accuracy']:.3f}, thinking mean {p['mean_think_tokens']:.0f} "
+                  f"p90 {p['p90_think_tokens']:.0f}, waits {p['mean_waits']:.2f}, total tokens {p['mean_total_tokens']:.0f}")
     print(f"results in {args.out}/ (results.jsonl, summary.json, *.png)")
     return 0
 
@@ -285,6 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--concurrency", type=int, default=16)
     ev.add_argument("--compare-rejection", type=int, default=0, metavar="K",
                     help="also run length rejection sampling with up to K tries")
+    ev.add_argument("--parallel", metavar="N,N,...", help="also parallel scaling: n samples per question with a"
+                    " majority vote, for each n (e.g. 1,2,4,8)")
+    ev.add_argument("--parallel-max-think", type=int, help="thinking budget of each parallel sample (default: the first"
+                    " of --budgets)")
+    ev.add_argument("--parallel-temperature", type=float, default=0.7, help="(default: 0.7)")
+    ev.add_argument("--adaptive", metavar="CAP,CAP,...", help="also adaptive thinking (stop when probes agree), for"
+                    " each max_think cap")
+    ev.add_argument("--adaptive-every", type=int, default=64, help="thinking tokens between probes (default: 64)")
+    ev.add_argument("--adaptive-agree", type=int, default=3, help="agreeing probes that end thinking (default: 3)")
+    ev.add_argument("--adaptive-probe-tokens", type=int, default=24, help="answer tokens per probe (default: 24)")
     ev.add_argument("--out", default="eval-out")
     ev.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.jsonl")
     add_config_flags(ev, EngineConfig)
@@ -319,7 +336,7 @@ class JsonLogFormatter(logging.Formatter):
 def run_command(args: argparse.Namespace, prog: str) -> int:
     """Runs a parsed command (`args.func`) with logging set up; our errors become exit code 2."""
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonLogFormatter() if args.log_format == "json" else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonLogFormatter() if getattr(args, "log_format", "text") == "json" else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level, handlers=[handler])
     from .errors import S1ServeError
 

@@ -30,6 +30,28 @@ def plot_sweep(records: list[dict], summary: dict, out_dir: Path) -> list[Path]:
     fig.savefig(paths[-1])
     plt.close(fig)
 
+    # Equal cost: accuracy against everything generated per question, the three methods on one chart.
+    fig, ax = plt.subplots(figsize=SIZE_IN, dpi=DPI)
+    for method, scores in summary["methods"].items():
+        points = scores["per_budget"]
+        ax.plot([p["mean_total_tokens"] for p in points], [100 * p["accuracy"] for p in points], marker="o",
+                label=f"{method.replace('_', ' ')} (performance {100 * scores['performance']:.0f}%,"
+                      f" scaling {100 * scores['scaling_per_1k_total_tokens']:+.1f}/1k)")
+        for p in points:
+            label = f"n={p['budget']}" if method == "parallel_vote" else str(p["budget"])
+            ax.annotate(label, (p["mean_total_tokens"], 100 * p["accuracy"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.set_xscale("log")
+    ax.set_xlabel("total generated tokens per question (all samples and probes)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("test-time scaling at equal token cost")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    paths.append(out_dir / "accuracy_vs_total_tokens.png")
+    fig.savefig(paths[-1])
+    plt.close(fig)
+
+    records = [r for r in records if r["method"] != "parallel_vote"]  # its "budget" is n
     budgets = sorted({r["budget"] for r in records})
     fig, axes = plt.subplots(len(budgets), 1, figsize=SIZE_IN, dpi=DPI, squeeze=False)
     for ax, budget in zip(axes[:, 0], budgets):

@@ -14,12 +14,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from server.answers import Vote, majority, same
+
 from ..errors import TaskError
 from .graders import get_grader
 from .metrics import summarize
 from .tasks import Question
 
 BUDGET_FORCING, REJECTION = "budget_forcing", "rejection_sampling"
+PARALLEL, ADAPTIVE = "parallel_vote", "adaptive"
+# How a vote reads answers for each grader (server.answers methods).
+VOTE_METHOD = {"math": "math", "multiple_choice": "multiple_choice", "exact": "exact", "normalized": "normalized",
+               "reasoning_gym": "normalized", "code": "exact"}
 
 
 @dataclass
@@ -33,6 +39,17 @@ class SweepConfig:
     answer_tokens: int = 512  # generation room after thinking (the forced end included)
     rejection_tries: int = 0  # > 0: also run length rejection sampling with up to this many tries
     concurrency: int = 16
+    # Parallel scaling: for each n, n samples per question (one request, shared prompt KV) at
+    # `parallel_max_think` (default: the first budget) and `parallel_temperature`, majority vote.
+    parallel: list[int] | None = None
+    parallel_max_think: int | None = None
+    parallel_temperature: float = 0.7
+    # Adaptive thinking: for each max_think cap, thinking that stops once `adaptive_agree` probes
+    # (every `adaptive_every` tokens, `adaptive_probe_tokens` long) agree.
+    adaptive: list[int] | None = None
+    adaptive_every: int = 64
+    adaptive_agree: int = 3
+    adaptive_probe_tokens: int = 24
 
     def __post_init__(self):
         if not self.budgets or any(b <= 0 for b in self.budgets):
@@ -43,6 +60,12 @@ class SweepConfig:
             raise TaskError("samples must be >= 1")
         if self.rejection_tries and self.temperature == 0:
             raise TaskError("rejection sampling needs temperature > 0 (greedy retries are identical)")
+        for name in ("parallel", "adaptive"):
+            values = getattr(self, name) or []
+            if any(v <= 0 for v in values) or any(b <= a for a, b in zip(values, values[1:])):
+                raise TaskError(f"{name} must be strictly increasing positive integers, got {values}")
+        if self.parallel and self.parallel_temperature <= 0:
+            raise TaskError("parallel sampling needs parallel_temperature > 0 (greedy samples are identical)")
 
 
 @dataclass
@@ -57,6 +80,9 @@ class Run:
     max_think: int | None
     max_tokens: int
     seed: int
+    n: int = 1  # samples (parallel_vote)
+    temperature: float | None = None  # None: the sweep's
+    adaptive: dict | None = None  # AdaptiveThinking fields (adaptive)
 
     @property
     def key(self) -> tuple:
@@ -72,13 +98,25 @@ class OfflineBackend:
     def generate(self, runs: list[Run], cfg: SweepConfig) -> list[dict]:
         from server.engine import SamplingParams, ThinkBudget
 
+        from server.engine import AdaptiveThinking
+
         conversations = [[{"role": "user", "content": r.question.question}] for r in runs]
-        sampling = [SamplingParams(temperature=cfg.temperature, max_tokens=r.max_tokens, seed=r.seed) for r in runs]
-        budgets = [ThinkBudget(min_think=r.min_think, max_think=r.max_think, max_waits=cfg.max_waits) for r in runs]
+        sampling = [SamplingParams(temperature=cfg.temperature if r.temperature is None else r.temperature,
+                                   max_tokens=r.max_tokens, seed=r.seed, n=r.n) for r in runs]
+        budgets = [ThinkBudget(min_think=r.min_think, max_think=r.max_think, max_waits=cfg.max_waits,
+                               adaptive=AdaptiveThinking(**r.adaptive) if r.adaptive else None) for r in runs]
         outs = self.llm.chat(conversations, sampling, budgets, progress=f"eval: {len(runs)} runs")
-        return [dict(request_id=o.request_id, think_tokens=o.think_tokens, answer_tokens=o.answer_tokens,
-                     num_waits=o.num_waits, think_end_forced=o.think_end_forced, finish_reason=o.finish_reason,
-                     answer_text=o.answer_text) for o in outs]
+        replies = []
+        for run, o in zip(runs, outs):
+            samples = o.samples or [o]
+            texts = [s.answer_text for s in samples]
+            vote = majority(texts, VOTE_METHOD.get(run.question.grader, "exact")) if run.n > 1 else None
+            replies.append(_reply(o.request_id, [dict(think_tokens=s.think_tokens, answer_tokens=s.answer_tokens,
+                                                      num_waits=s.num_waits, think_end_forced=s.think_end_forced,
+                                                      finish_reason=s.finish_reason, completion_tokens=len(s.token_ids),
+                                                      probe_tokens=s.probe_tokens, converged=s.converged)
+                                                 for s in samples], texts, vote))
+        return replies
 
     def feedback(self, graded: list[tuple[str, bool]]) -> None:
         pass  # no server to tell
@@ -99,14 +137,19 @@ class ServerBackend:
                     async with gate:
                         done = await client.generate(
                             messages=[{"role": "user", "content": r.question.question}], max_tokens=r.max_tokens,
-                            temperature=cfg.temperature, seed=r.seed, min_think=r.min_think, max_think=r.max_think,
-                            max_waits=cfg.max_waits, budget=True,
+                            temperature=cfg.temperature if r.temperature is None else r.temperature, seed=r.seed,
+                            min_think=r.min_think, max_think=r.max_think, max_waits=cfg.max_waits, budget=True,
+                            n=r.n if r.n > 1 else None, adaptive=r.adaptive,
+                            vote=VOTE_METHOD.get(r.question.grader, "exact") if r.n > 1 else None,  # the server votes
                         )
                     bar.update()
-                    u = done.usage
-                    return dict(request_id=done.request_id, think_tokens=u.think_tokens, answer_tokens=u.answer_tokens,
-                                num_waits=u.num_waits, think_end_forced=u.think_end_forced,
-                                finish_reason=u.finish_reason, answer_text=done.answer_text)
+                    samples = done.samples or [done]
+                    return _reply(done.request_id, [
+                        dict(think_tokens=s.usage.think_tokens, answer_tokens=s.usage.answer_tokens,
+                             num_waits=s.usage.num_waits, think_end_forced=s.usage.think_end_forced,
+                             finish_reason=s.usage.finish_reason, completion_tokens=s.usage.completion_tokens,
+                             probe_tokens=s.usage.probe_tokens, converged=bool(s.usage.think_converged))
+                        for s in samples], [s.answer_text for s in samples], done.vote)
 
                 try:
                     return await asyncio.gather(*(one(r) for r in runs))
@@ -121,6 +164,26 @@ class ServerBackend:
         with S1Client(self.address, api_key=self.api_key) as client:
             for request_id, correct in graded:
                 client.feedback(request_id, correct)
+
+
+def _reply(request_id: str, samples: list[dict], texts: list[str], vote: Vote | None) -> dict:
+    """One run's record fields. A voted run is graded on the text of the first sample that gave the
+    majority answer; its thinking is the longest sample's (what Control checks against the budget);
+    `total_tokens` is everything the run generated: every sample's tokens and every probe's."""
+    pick = 0
+    if vote is not None and vote.answer:
+        pick = next((i for i, a in enumerate(vote.answers) if a and same(a, vote.answer, vote.method)), 0)
+    first = samples[pick]
+    record = dict(request_id=request_id, think_tokens=max(s["think_tokens"] for s in samples),
+                  answer_tokens=first["answer_tokens"], num_waits=first["num_waits"],
+                  think_end_forced=first["think_end_forced"], finish_reason=first["finish_reason"],
+                  answer_text=texts[pick], num_samples=len(samples),
+                  probe_tokens=sum(s["probe_tokens"] for s in samples),
+                  converged=sum(bool(s["converged"]) for s in samples),
+                  total_tokens=sum(s["completion_tokens"] + s["probe_tokens"] for s in samples))
+    if vote is not None:
+        record.update(vote_answer=vote.answer, vote_count=vote.count)
+    return record
 
 
 def _load_done(path: Path) -> list[dict]:
@@ -142,7 +205,8 @@ def run_sweep(questions: list[Question], cfg: SweepConfig, backend, out_dir: Pat
         for i, (run, reply) in enumerate(zip(runs, replies)):
             correct = get_grader(run.question.grader)(reply["answer_text"], run.question.answer, run.question.record)
             records.append({"question_id": run.question.id, "budget": run.budget, "sample": run.sample,
-                            "method": run.method, "min_think": run.min_think, "max_think": run.budget,
+                            "method": run.method, "min_think": run.min_think,
+                            "max_think": run.max_think if run.method == PARALLEL else run.budget,
                             "correct": correct, "reference": run.question.answer,
                             "tries": tries[i] if tries else 1, **reply})
             graded.append((reply["request_id"], correct))
@@ -161,6 +225,23 @@ def run_sweep(questions: list[Question], cfg: SweepConfig, backend, out_dir: Pat
             done += write(runs, backend.generate(runs, cfg))
         if cfg.rejection_tries:
             done += _rejection(questions, budget, cfg, backend, finished, write)
+
+    # Parallel scaling at one thinking budget: the point is n (its `budget` field holds n).
+    parallel_think = cfg.parallel_max_think or cfg.budgets[0]
+    for n in cfg.parallel or []:
+        runs = [Run(q, n, 0, PARALLEL, None, parallel_think, parallel_think + cfg.answer_tokens, cfg.seed, n=n,
+                    temperature=cfg.parallel_temperature) for q in questions]
+        runs = [r for r in runs if r.key not in finished]
+        if runs:
+            done += write(runs, backend.generate(runs, cfg))
+    adaptive = dict(every=cfg.adaptive_every, agree=cfg.adaptive_agree, probe_tokens=cfg.adaptive_probe_tokens)
+    for cap in cfg.adaptive or []:
+        runs = [Run(q, cap, s, ADAPTIVE, None, cap, cap + cfg.answer_tokens, cfg.seed + 1000 * s,
+                    adaptive={**adaptive, "method": VOTE_METHOD.get(q.grader, "exact")})
+                for q in questions for s in range(cfg.samples)]
+        runs = [r for r in runs if r.key not in finished]
+        if runs:
+            done += write(runs, backend.generate(runs, cfg))
 
     summary = {"config": asdict(cfg), "num_questions": len(questions), "methods": summarize(done)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

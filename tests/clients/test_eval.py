@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from clients.errors import TaskError
-from clients.eval import ServerBackend, SweepConfig, get_grader, load_task, run_sweep
+from clients.eval import OfflineBackend, ServerBackend, SweepConfig, get_grader, load_task, run_sweep
 from clients.eval.metrics import control, per_budget, performance, scaling, summarize
 from server.cli import main
 
@@ -188,3 +188,43 @@ def test_dashboard_queries_only_metrics_the_server_exports(server):
         names = set(re.findall(r"\b([a-z_:][a-z0-9_:]*)\s*(?:\{|\[)", expr)) - functions
         assert names, expr
         assert names <= exported, f"{names - exported} not exported (query: {expr})"
+
+
+EQUAL_COST = dict(budgets=[8, 16], answer_tokens=32, parallel=[1, 2, 4], parallel_max_think=8, parallel_temperature=1.0,
+                  adaptive=[16, 32], adaptive_every=4, adaptive_agree=2, adaptive_probe_tokens=4)
+
+
+def test_three_methods_at_equal_token_cost_on_both_backends(server, llama_dir, tmp_path):
+    questions = load_task("arith", limit=3)
+    summary = run_sweep(questions, SweepConfig(**EQUAL_COST), ServerBackend(server.grpc_address), tmp_path / "server")
+    assert set(summary["methods"]) == {"budget_forcing", "parallel_vote", "adaptive"}
+    for scores in summary["methods"].values():
+        assert {"control", "scaling_per_1k_total_tokens", "performance"} <= set(scores)
+    records = [json.loads(line) for line in (tmp_path / "server" / "results.jsonl").read_text().splitlines()]
+    parallel = [r for r in records if r["method"] == "parallel_vote"]
+    assert sorted(r["num_samples"] for r in parallel) == [1, 1, 1, 2, 2, 2, 4, 4, 4]
+    assert all(r["vote_count"] >= 1 for r in parallel if r["num_samples"] > 1)
+    by_n = {p["budget"]: p["mean_total_tokens"] for p in summary["methods"]["parallel_vote"]["per_budget"]}
+    assert by_n[1] < by_n[2] < by_n[4]  # every sample's tokens count
+    adaptive = [r for r in records if r["method"] == "adaptive"]
+    assert len(adaptive) == 6 and all(r["think_tokens"] <= r["max_think"] for r in adaptive)
+    assert all(r["total_tokens"] > r["think_tokens"] for r in adaptive)
+    assert sum(r["probe_tokens"] for r in adaptive) > 0
+    assert png_size(tmp_path / "server" / "accuracy_vs_total_tokens.png") == (640, 480)
+
+    offline = run_sweep(questions, SweepConfig(**EQUAL_COST), OfflineBackend(str(llama_dir), num_kv_blocks=128),
+                        tmp_path / "offline")
+    fields = ("method", "budget", "question_id", "think_tokens", "total_tokens", "probe_tokens", "correct", "answer_text")
+    local = [json.loads(line) for line in (tmp_path / "offline" / "results.jsonl").read_text().splitlines()]
+    assert [tuple(r[f] for f in fields) for r in local] == [tuple(r[f] for f in fields) for r in records]
+    assert offline["methods"]["parallel_vote"]["per_budget"] == summary["methods"]["parallel_vote"]["per_budget"]
+
+
+def test_eval_cli_compares_the_three_methods(llama_dir, tmp_path, capsys):
+    code = main(["eval", "arith", "--model", str(llama_dir), "--budgets", "4,8", "--limit", "2", "--answer-tokens", "32",
+                 "--parallel", "1,2", "--adaptive", "8", "--adaptive-every", "4", "--out", str(tmp_path),
+                 "--num-kv-blocks", "64"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "parallel_vote: control" in out and "adaptive: control" in out and "n      2" in out
+    assert main(["eval", "arith", "--parallel", "2,x", "--out", str(tmp_path / "bad")]) == 2
