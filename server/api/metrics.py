@@ -62,6 +62,14 @@ class Metrics:
         self.itl = Histogram("s1serve_inter_token_latency_seconds", "Between consecutive streamed deltas", [*m, "phase"], buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("s1serve_e2e_request_latency_seconds", "Arrival to last token", m, buckets=LATENCY_BUCKETS, registry=r)
 
+        # Export every series from the start (at 0), so dashboards and alerts see them before traffic.
+        for metric in (self.probes, self.probe_tokens, self.adaptive_stops, self.samples_hist, self.vote_agreement,
+                       self.prompt_tokens, self.think_tokens, self.answer_tokens, self.waits, self.forced_ends,
+                       self.prompt_hist, self.think_hist, self.answer_hist, self.ttft, self.ttfat, self.e2e):
+            metric.labels(model)
+        for outcome in ("correct", "incorrect"):
+            self.feedback.labels(model, outcome, "0")
+
     def set_load(self, running: int, waiting: int, kv_usage: float, prefix_hit: float, preemptions: int) -> None:
         model = self.model
         for gauge, value in ((self.running, running), (self.vllm_running, running), (self.waiting, waiting),
