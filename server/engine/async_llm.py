@@ -21,6 +21,7 @@ from ..errors import DuplicateRequestError, RequestNotFoundError, UnavailableErr
 from .outputs import StepOutput
 from .params import SamplingParams, ThinkBudget
 from .sequence import Sequence
+from .tensor_parallel import WorkerFailure
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,12 @@ class AsyncLLM:
         self._thread.start()
 
     def healthy(self, stall_s: float = 120.0) -> bool:
-        """The loop is alive, and it finished a step within `stall_s` or has nothing to do."""
+        """The loop is alive, every tensor-parallel rank too, and it finished a step within
+        `stall_s` or has nothing to do. A dead rank kills the engine (requests fail UNAVAILABLE)."""
+        failure = self.engine.runner.failure()
+        if failure is not None and self.error is None:
+            logger.critical("%s; failing every request", failure)
+            self._fail_all(UnavailableError(f"the engine has stopped: {failure}"), dead=WorkerFailure(failure))
         if self.error is not None or not self._thread.is_alive():
             return False
         return not self.engine.has_unfinished() or time.monotonic() - self.last_step < stall_s
@@ -98,9 +104,10 @@ class AsyncLLM:
         """Drop every request (the end of a drain); their streams end with finish_reason abort."""
         self._inbox.put(("abort_all", None))
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 30.0) -> None:
         self._inbox.put(None)
-        self._thread.join()
+        self._thread.join(timeout_s)  # a thread stuck in a collective with a dead rank is a daemon: left behind
+        self.engine.runner.shutdown()
 
     # ---- engine thread --------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -127,6 +134,8 @@ class AsyncLLM:
                 self._apply(*command)
             try:
                 outputs = self.engine.step()
+            except WorkerFailure:  # a tensor-parallel rank is gone: the engine is dead
+                raise
             except Exception as exc:  # a bug, not a user error: fail every request, keep the thread
                 logger.exception("engine step failed")
                 for request_id in list(self.engine.sequences):

@@ -22,6 +22,10 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks (nothing to do for one rank)."""
+        self.engine.runner.shutdown()
+
     def generate(
         self,
         prompts: Prompt | list[Prompt],

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from ..errors import UnsupportedModelError
 from .config import ModelConfig
 from .decoder import CausalLM, RotaryEmbedding
+from .parallel import Shard
 
 # checkpoint projection -> (our fused parameter, shard index within it)
 _FUSED = {
@@ -36,11 +37,14 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, shard: Shard = Shard()) -> CausalLM:
+    """The model, or with tensor parallelism this rank's slice of it: each tensor is read through
+    a safetensors slice, so a rank reads only its own rows or columns, never the whole model."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_model_dir(model_dir)
+    shard.check(cfg)
     with torch.device("meta"):
-        model = CausalLM(cfg)
+        model = CausalLM(cfg, shard)
     model = model.to_empty(device=device).to(dtype)
     model.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings).to(device)
     if cfg.tie_word_embeddings:
@@ -48,16 +52,17 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) 
 
     params = dict(model.named_parameters())
     filled: set[str] = set()
+    tp = shard
     for file in safetensors_files(model_dir):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_word_embeddings):
                     continue
-                target, shard = _place(name, cfg)
+                target, index = _place(name, cfg)
                 if target not in params:
                     raise UnsupportedModelError(f"checkpoint tensor {name!r} has no place in the {cfg.model_type} decoder")
-                _copy_into(params[target], target, f.get_tensor(name), shard, cfg)
-                filled.add(target if shard is None else f"{target}#{shard}")
+                _copy_into(params[target], target, tp.read(name, f.get_slice(name), cfg), index, tp, cfg)
+                filled.add(target if index is None else f"{target}#{index}")
 
     expected = set()
     for name in params:
@@ -79,16 +84,19 @@ def _place(name: str, cfg: ModelConfig) -> tuple[str, int | None]:
     return name, None
 
 
-def _copy_into(param: torch.Tensor, name: str, tensor: torch.Tensor, shard: int | None, cfg: ModelConfig) -> None:
+def _copy_into(param: torch.Tensor, name: str, tensor: torch.Tensor, index: int | None, tp: Shard,
+               cfg: ModelConfig) -> None:
+    """`tensor` (this rank's part of a checkpoint tensor) into its place; `index` picks the part
+    of a fused projection: q / k / v of qkv_proj, gate / up of gate_up_proj."""
     with torch.no_grad():
-        if shard is None:
+        if index is None:
             target = param
         elif ".gate_up_proj." in name:  # gate rows, then up rows
-            target = param.narrow(0, shard * cfg.intermediate_size, cfg.intermediate_size)
+            target = param.narrow(0, index * tp.intermediate(cfg), tp.intermediate(cfg))
         else:  # qkv_proj: q rows, then k rows, then v rows
-            q_size = cfg.num_attention_heads * cfg.head_dim
-            kv_size = cfg.num_key_value_heads * cfg.head_dim
-            offset, size = [(0, q_size), (q_size, kv_size), (q_size + kv_size, kv_size)][shard]
+            q_size = tp.heads(cfg) * cfg.head_dim
+            kv_size = tp.kv_heads(cfg) * cfg.head_dim
+            offset, size = [(0, q_size), (q_size, kv_size), (q_size + kv_size, kv_size)][index]
             target = param.narrow(0, offset, size)
         if target.shape != tensor.shape:
             raise UnsupportedModelError(f"shape mismatch: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
