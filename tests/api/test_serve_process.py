@@ -2,6 +2,7 @@
 in-flight request before exiting."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from transformers import AutoTokenizer
 
@@ -109,3 +111,56 @@ def test_json_logs_are_one_object_per_line_with_request_fields(llama_dir):
     assert {"time", "level", "logger", "message"} <= set(records[0])
     [finished] = [r for r in records if r.get("request_id") == "json-log-1"]
     assert finished["level"] == "INFO" and finished["completion_tokens"] >= 1 and finished["finish_reason"] in ("stop", "length")
+
+
+def worker_ranks(pid: int) -> list[int]:
+    """The tensor-parallel worker processes of server `pid` (spawned interpreters, not the
+    multiprocessing resource tracker)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        kids = [int(c) for c in f.read().split()]
+    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # exited, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+def test_a_two_rank_server_answers_both_fronts_and_sigterm_stops_every_rank(llama_dir):
+    import grpc
+
+    from server.api.v1 import generation_pb2 as pb
+    from server.api.v1 import generation_pb2_grpc
+
+    proc, lines, (grpc_port, http_port) = start_serve(llama_dir, "--tensor-parallel-size", "2")
+    try:
+        workers = worker_ranks(proc.pid)
+        assert len(workers) == 1
+        with post(http_port, {"prompt": "hello", "max_tokens": 6, "temperature": 0}) as response:
+            rest = json.load(response)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            reply = generation_pb2_grpc.GenerationStub(channel).Generate(
+                pb.GenerateRequest(prompt="hello", sampling=pb.SamplingOptions(temperature=0, max_tokens=6)))
+        assert rest["choices"][0]["text"] == reply.text and reply.usage.completion_tokens == 6
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        time.sleep(0.5)
+        assert all(gone(w) for w in workers)
+    finally:
+        proc.kill()
+
+
+def test_a_killed_worker_rank_makes_the_server_exit_non_zero_naming_it(llama_dir):
+    proc, lines, (_, http_port) = start_serve(llama_dir, "--tensor-parallel-size", "2")
+    try:
+        [worker] = worker_ranks(proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        start = time.monotonic()
+        code = proc.wait(timeout=60)
+        assert code != 0 and time.monotonic() - start < 30
+        time.sleep(0.2)
+        assert any("tensor-parallel rank 1 died" in line for line in lines), "".join(lines[-20:])
+    finally:
+        proc.kill()
