@@ -37,6 +37,8 @@ class Metrics:
         self.vllm_running = Gauge("vllm:num_requests_running", "Running requests (vLLM name)", m, registry=r)
         self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Waiting requests (vLLM name)", m, registry=r)
         self.vllm_kv = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage 0..1 (vLLM name)", m, registry=r)
+        # The name vLLM used before 0.10, which older inference-gateway endpoint pickers still read.
+        self.vllm_gpu_kv = Gauge("vllm:gpu_cache_usage_perc", "KV-cache usage 0..1 (older vLLM name)", m, registry=r)
 
         self.requests = Counter("s1serve_requests", "Finished requests", [*m, "finish_reason", "budgeted"], registry=r)
         self.rejected = Counter("s1serve_requests_rejected", "Requests refused before the engine", [*m, "reason"], registry=r)
@@ -73,6 +75,6 @@ class Metrics:
     def set_load(self, running: int, waiting: int, kv_usage: float, prefix_hit: float, preemptions: int) -> None:
         model = self.model
         for gauge, value in ((self.running, running), (self.vllm_running, running), (self.waiting, waiting),
-                             (self.vllm_waiting, waiting), (self.kv_usage, kv_usage), (self.vllm_kv, kv_usage),
+                             (self.vllm_waiting, waiting), (self.kv_usage, kv_usage), (self.vllm_kv, kv_usage), (self.vllm_gpu_kv, kv_usage),
                              (self.prefix_hit, prefix_hit), (self.preemptions, preemptions)):
             gauge.labels(model).set(value)

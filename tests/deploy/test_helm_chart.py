@@ -22,7 +22,8 @@ KUBE_VERSION = "1.33.0"
 
 VALUE_SETS = {
     "default": {},
-    "two_gpus": {"gpus": 2},
+    "one_gpu": {"engine": {"tensor_parallel_size": 1, "kv_cache_gib": 8}},
+    "four_gpus_inference_pool": {"engine": {"tensor_parallel_size": 4, "kv_cache_gib": 50}, "inferencePool": {"enabled": True}},
     "keda": {"autoscaling": {"mode": "keda"}},
     "hpa": {"autoscaling": {"mode": "hpa"}},
     "service_monitor": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}},
@@ -49,6 +50,20 @@ CRD_SCHEMAS = {
             "triggers": {"type": "array", "items": {"type": "object", "required": ["type", "metadata"], "properties": {
                 "type": {"const": "prometheus"},
                 "metadata": {"type": "object", "required": ["serverAddress", "query", "threshold"], "additionalProperties": {"type": "string"}}}}}}}},
+    },
+    ("inference.networking.k8s.io/v1", "InferencePool"): {
+        "type": "object", "required": ["spec"],
+        "properties": {"spec": {"type": "object", "additionalProperties": False, "required": ["selector", "targetPorts", "endpointPickerRef"],
+                                "properties": {
+            "selector": {"type": "object", "additionalProperties": False, "required": ["matchLabels"],
+                         "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}}},
+            "targetPorts": {"type": "array", "minItems": 1, "maxItems": 8, "items": {"type": "object", "additionalProperties": False,
+                            "required": ["number"], "properties": {"number": {"type": "integer", "minimum": 1, "maximum": 65535}}}},
+            "appProtocol": {"enum": ["http", "kubernetes.io/h2c"]},
+            "endpointPickerRef": {"type": "object", "additionalProperties": False, "required": ["name", "port"], "properties": {
+                "group": {"type": "string"}, "kind": {"type": "string"}, "name": {"type": "string", "minLength": 1},
+                "port": {"type": "object", "required": ["number"], "properties": {"number": {"type": "integer"}}},
+                "failureMode": {"enum": ["FailOpen", "FailClose"]}}}}}},
     },
     ("kubeflow.org/v1", "PyTorchJob"): {
         "type": "object", "required": ["spec"],
@@ -126,7 +141,9 @@ def test_ports_probes_gpus_and_flags_agree(chart, name):
         if "httpGet" in spec:
             assert spec["httpGet"]["path"] == "/health" and port == ports["http"]
     resources = container["resources"]
-    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == values["gpus"]
+    # One GPU per tensor-parallel rank.
+    ranks = values["engine"]["tensor_parallel_size"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == ranks
     # Engine values map 1:1 onto EngineConfig flags the CLI accepts.
     engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
     for key, value in values["engine"].items():
@@ -200,7 +217,8 @@ def test_api_key_comes_from_a_secret_and_is_never_rendered(chart):
 
 @pytest.mark.parametrize("values, message", [
     ({"replicaCount": -1}, "/replicaCount"),
-    ({"gpus": 0}, "/gpus"),
+    ({"engine": {"tensor_parallel_size": 0}}, "/engine/tensor_parallel_size"),
+    ({"inferencePool": {"endpointPicker": {"name": "epp", "port": 70000}}}, "/inferencePool/endpointPicker/port"),
     ({"model": {"source": "s3"}}, "/model/source"),
     ({"engine": {"max_num_seqs": 0}}, "/engine/max_num_seqs"),
     ({"engine": {"unknown_flag": 1}}, "unknown_flag"),
@@ -209,3 +227,30 @@ def test_api_key_comes_from_a_secret_and_is_never_rendered(chart):
 def test_bad_values_are_rejected_by_the_schema(chart, values, message):
     with pytest.raises(helm.HelmValuesError, match=message):
         chart.validate_schema(chart.merge_values(values))
+
+
+def test_an_inference_pool_selects_exactly_the_server_pods_on_the_rest_port(chart):
+    docs = render(chart, {"inferencePool": {"enabled": True, "endpointPicker": {"name": "epp", "port": 9002}}})
+    [pool] = by_kind(docs, "InferencePool")
+    [deployment] = by_kind(docs, "Deployment")
+    assert pool["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    http = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
+    assert pool["spec"]["targetPorts"] == [{"number": http}]
+    assert pool["spec"]["endpointPickerRef"] == {"name": "epp", "port": {"number": 9002}, "failureMode": "FailOpen"}
+    assert not by_kind(render(chart, {}), "InferencePool")
+
+
+def test_the_default_kv_pool_fits_beside_s1_32b_on_two_h100s(chart):
+    """The values' memory arithmetic (deploy/README.md): Qwen2.5-32B in bf16 on 2 ranks of 80 GB."""
+    values = chart.merge_values({})
+    engine = values["engine"]
+    layers, kv_heads, head_dim, vocab, hidden = 64, 8, 128, 152064, 5120
+    params = 32.76e9
+    replicated = 2 * vocab * hidden * 2  # embedding and LM head, bf16, on every rank
+    per_rank = (params * 2 - replicated) / engine["tensor_parallel_size"] + replicated
+    h100 = 80e9
+    headroom = 5 * 2**30  # activations, CUDA context, NCCL buffers
+    assert per_rank + engine["kv_cache_gib"] * 2**30 + headroom <= h100
+    per_token = layers * (kv_heads // engine["tensor_parallel_size"]) * head_dim * 2 * 2
+    assert engine["kv_cache_gib"] * 2**30 // per_token >= 8 * 32768  # eight 32k-token thinking sequences at once
