@@ -58,6 +58,8 @@ def backend_for(device: str) -> str:
 
 
 def init_group(rank: int, size: int, address: str, backend: str) -> None:
+    if backend == "nccl":
+        torch.cuda.set_device(rank)  # rank r owns cuda:r; NCCL collectives run on the current device
     dist.init_process_group(backend, init_method=address, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
 
 

@@ -51,3 +51,17 @@ def test_a_size_that_does_not_split_the_heads_is_refused_at_start_up(tmp_path):
     model = build_tiny_model(tmp_path / "three-heads", "llama", hidden_size=48, num_attention_heads=3, num_key_value_heads=3)
     with pytest.raises(InvalidConfigError, match="tensor_parallel_size: 2 does not divide the model's 3 attention heads"):
         LLM(model, tensor_parallel_size=2, num_kv_blocks=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
+                    reason="needs two CUDA devices")
+def test_two_ranks_on_nccl_equal_one_gpu(llama_dir):
+    one = LLM(llama_dir, device="cuda", dtype="float32", **CONFIG)
+    prompts, budgets = mixed_batch(len(one.tokenizer))
+    expected = generate(one, prompts, budgets)
+    sharded = LLM(llama_dir, device="cuda", dtype="float32", tensor_parallel_size=2, **CONFIG)
+    try:
+        assert generate(sharded, prompts, budgets) == expected
+    finally:
+        sharded.shutdown()
