@@ -5,6 +5,9 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <initializer_list>
+#include <utility>
+
 #include "cuda/kernels.h"
 
 namespace s1serve {
@@ -19,6 +22,16 @@ cuda::DType dtype_of(const torch::Tensor& t) {
   }
 }
 
+// Every tensor on the CUDA device of the first: a CPU block table reaching a kernel is an illegal address.
+void check_same_device(const char* op, std::initializer_list<std::pair<const char*, const torch::Tensor*>> tensors) {
+  const torch::Tensor& first = *tensors.begin()->second;
+  TORCH_CHECK(first.is_cuda(), op, ": ", tensors.begin()->first, " must be a CUDA tensor");
+  for (const auto& [name, t] : tensors)
+    TORCH_CHECK(t->device() == first.device(), op, ": ", name, " is on ", t->device(), ", expected ", first.device());
+}
+
+constexpr int64_t kMaxGridY = 65535;  // gridDim.y carries the sequences of a decode launch
+
 void check_launch(cudaError_t status, const char* op) {
   TORCH_CHECK(status != cudaErrorInvalidValue, op, ": shape not supported by the CUDA kernel");
   TORCH_CHECK(status == cudaSuccess, op, ": ", cudaGetErrorString(status));
@@ -27,16 +40,29 @@ void check_launch(cudaError_t status, const char* op) {
 void paged_attention_decode(torch::Tensor out, const torch::Tensor& query, const torch::Tensor& k_cache,
                             const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                             const torch::Tensor& context_lens, double scale) {
+  check_same_device("paged_attention_decode", {{"query", &query}, {"out", &out}, {"k_cache", &k_cache},
+                                              {"v_cache", &v_cache}, {"block_tables", &block_tables},
+                                              {"context_lens", &context_lens}});
   TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "query (seqs, heads, dim) and caches (blocks, block_size, kv_heads, dim) expected");
   TORCH_CHECK(query.size(2) == k_cache.size(3), "head_dim of query and cache differ");
+  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(cuda::decode_supported(static_cast<int>(query.size(1)), static_cast<int>(k_cache.size(2)),
+                                     static_cast<int>(query.size(2))),
+              "paged_attention_decode: ", query.size(1), " heads over ", k_cache.size(2), " KV heads of dim ",
+              query.size(2), " is not supported by the CUDA kernel (GQA group <= 8, head_dim in 16/32/64/128/256)");
   TORCH_CHECK(block_tables.scalar_type() == torch::kLong && context_lens.scalar_type() == torch::kLong,
               "block_tables and context_lens must be int64");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == query.size(0) && context_lens.dim() == 1 &&
+                  context_lens.size(0) == query.size(0),
+              "block_tables (num_seqs, max_blocks) and context_lens (num_seqs,) must have one row per query");
+  TORCH_CHECK(query.size(0) <= kMaxGridY, "paged_attention_decode: at most ", kMaxGridY, " sequences per call");
   TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   block_tables.is_contiguous() && context_lens.is_contiguous() && out.is_contiguous(),
               "contiguous tensors expected");
   TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type(), "out must match query");
-  TORCH_CHECK(k_cache.scalar_type() == query.scalar_type(), "cache and query dtypes differ");
+  TORCH_CHECK(k_cache.scalar_type() == query.scalar_type() && v_cache.scalar_type() == query.scalar_type(),
+              "cache and query dtypes differ");
   const c10::cuda::CUDAGuard guard(query.device());
   cuda::DecodeArgs args{out.data_ptr(), query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                         block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
@@ -50,6 +76,8 @@ void paged_attention_decode(torch::Tensor out, const torch::Tensor& query, const
 
 void reshape_and_cache(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor k_cache,
                        torch::Tensor v_cache, const torch::Tensor& slot_mapping) {
+  check_same_device("reshape_and_cache", {{"key", &key}, {"value", &value}, {"k_cache", &k_cache},
+                                         {"v_cache", &v_cache}, {"slot_mapping", &slot_mapping}});
   TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes(), "key/value (tokens, kv_heads, head_dim) expected");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && key.size(1) == k_cache.size(2) &&
                   key.size(2) == k_cache.size(3),
@@ -67,7 +95,8 @@ void reshape_and_cache(const torch::Tensor& key, const torch::Tensor& value, tor
   const c10::cuda::CUDAGuard guard(key.device());
   cuda::CacheArgs args{key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                        slot_mapping.data_ptr<int64_t>(), static_cast<int>(key.size(0)),
-                       static_cast<int>(key.size(1) * key.size(2)), key.stride(0), value.stride(0)};
+                       static_cast<int>(key.size(1) * key.size(2)), key.stride(0), value.stride(0),
+                       k_cache.size(0) * k_cache.size(1)};
   check_launch(cuda::reshape_and_cache(args, dtype_of(key), c10::cuda::getCurrentCUDAStream()), "reshape_and_cache");
 }
 

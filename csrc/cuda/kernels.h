@@ -22,8 +22,12 @@ struct DecodeArgs {
   float scale;
 };
 
-// Returns cudaErrorInvalidValue for shapes the kernels do not cover (head_dim not in
-// {16, 32, 64, 128, 256}, more than 8 query heads per kv head), else the launch status.
+// Whether the decode kernel covers a model's attention shape: head_dim in {16, 32, 64, 128, 256}
+// and at most 8 query heads per KV head. Checked at start-up (the engine falls back, logged) and
+// per call by the binding.
+bool decode_supported(int num_heads, int num_kv_heads, int head_dim);
+
+// Returns cudaErrorInvalidValue for shapes `decode_supported` refuses, else the launch status.
 cudaError_t paged_attention_decode(const DecodeArgs& args, DType dtype, cudaStream_t stream);
 
 struct CacheArgs {
@@ -34,6 +38,7 @@ struct CacheArgs {
   const int64_t* slot_mapping;  // (num_tokens,), negative = padding, skipped
   int num_tokens, row_elems;    // row_elems = num_kv_heads * head_dim
   int64_t key_stride, value_stride;  // elements between consecutive tokens of key / value
+  int64_t num_slots;            // num_blocks * block_size: a slot at or past it writes nothing
 };
 
 cudaError_t reshape_and_cache(const CacheArgs& args, DType dtype, cudaStream_t stream);

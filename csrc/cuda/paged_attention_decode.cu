@@ -152,10 +152,13 @@ cudaError_t dispatch_head_dim(const DecodeArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
+bool decode_supported(int num_heads, int num_kv_heads, int head_dim) {
+  const bool dim_ok = head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128 || head_dim == 256;
+  return dim_ok && num_kv_heads > 0 && num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= kMaxGroup;
+}
+
 cudaError_t paged_attention_decode(const DecodeArgs& args, DType dtype, cudaStream_t stream) {
-  if (args.num_kv_heads <= 0 || args.num_heads % args.num_kv_heads != 0 ||
-      args.num_heads / args.num_kv_heads > kMaxGroup)
-    return cudaErrorInvalidValue;
+  if (!decode_supported(args.num_heads, args.num_kv_heads, args.head_dim)) return cudaErrorInvalidValue;
   if (args.num_seqs == 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32: return dispatch_head_dim<float>(args, stream);

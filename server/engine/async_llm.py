@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .config import EngineConfig
 from .engine import LLMEngine, Prompt
 from ..errors import DuplicateRequestError, RequestNotFoundError, UnavailableError
@@ -30,6 +32,15 @@ logger = logging.getLogger(__name__)
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue  # of StepOutput | BaseException
+
+
+def is_device_error(exc: BaseException) -> bool:
+    """A CUDA error (an illegal address, a device assert, ECC): the context is unusable from then
+    on, unlike a bug in one step, after which the engine can go on with the other requests."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("CUDA error", "CUBLAS_STATUS", "cuDNN error"))
 
 
 class AsyncLLM:
@@ -136,7 +147,9 @@ class AsyncLLM:
                 outputs = self.engine.step()
             except WorkerFailure:  # a tensor-parallel rank is gone: the engine is dead
                 raise
-            except Exception as exc:  # a bug, not a user error: fail every request, keep the thread
+            except Exception as exc:
+                if is_device_error(exc):  # sticky: every later step would fail too, so the engine is dead
+                    raise
                 logger.exception("engine step failed")
                 for request_id in list(self.engine.sequences):
                     self.engine.abort(request_id)

@@ -7,11 +7,18 @@ sequences whose last token was computed (a partial prefill chunk samples nothing
 
 import torch
 
-from ..errors import InvalidConfigError
+from ..errors import InvalidConfigError, UnsupportedModelError
 from ..models import ModelConfig, load_model
 from ..models.loader import safetensors_files
 from ..models.packed_linear import onednn_linear_available, pack_linears
-from ..models.paged_attention import AttentionMetadata, PrefillMetadata
+from ..models.paged_attention import (
+    CUDA_DECODE_HEAD_DIMS,
+    CUDA_DECODE_MAX_GROUP,
+    AttentionMetadata,
+    PrefillMetadata,
+    attention_backend,
+    cuda_decode_supported,
+)
 from ..models.parallel import Shard
 from .config import EngineConfig
 from .sampler import Sample, Sampler
@@ -68,6 +75,11 @@ class ModelRunner:
         self.shard.check(model_config)  # a size the heads do not split: refused before any process starts
         self.device = rank_device(resolve_device(config.device), rank)
         self.dtype = resolve_dtype(config.dtype, model_config, self.device)
+        heads = (self.shard.heads(model_config), self.shard.kv_heads(model_config), model_config.head_dim)
+        if attention_backend(self.device.type) == "csrc-cuda" and not cuda_decode_supported(*heads):
+            raise UnsupportedModelError(
+                f"{heads[0]} query heads over {heads[1]} KV heads of dim {heads[2]} per rank: the CUDA decode kernel"
+                f" needs head_dim in {CUDA_DECODE_HEAD_DIMS} and at most {CUDA_DECODE_MAX_GROUP} query heads per KV head")
         self.block_size = config.block_size
         cfg = model_config
         # Each rank's pool holds its own KV heads; all ranks have the same number of blocks.

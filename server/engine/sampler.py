@@ -47,11 +47,15 @@ class Sampler:
             sub = logits[rows]  # (n, vocab)
             temps = torch.tensor([p.temperature for p in params], device=sub.device)
             probs = self._filtered_probs(sub / temps[:, None], params)
+            # Each row's noise from its own generator (batch-independent), then one argmax and one
+            # host transfer for the whole batch.
+            noise = torch.empty_like(probs)
             for j, row in enumerate(rows):
                 gen = torch.Generator(device=sub.device)
                 gen.manual_seed(draw_seed(seqs[row].seed, seqs[row].num_output_tokens))
-                noise = torch.empty_like(probs[j]).exponential_(generator=gen)
-                tokens[row] = int((probs[j] / noise).argmax())
+                noise[j].exponential_(generator=gen)
+            for row, token in zip(rows, (probs / noise).argmax(dim=-1).tolist()):
+                tokens[row] = token
 
         results: list[Sample] = [(t, None) for t in tokens]
         for j, row in enumerate(want_logprobs):

@@ -112,6 +112,16 @@ def attention_backend(device_type: str) -> str:
     return f"csrc-{device_type}" if has_kernels else "torch-reference"
 
 
+CUDA_DECODE_HEAD_DIMS, CUDA_DECODE_MAX_GROUP = (16, 32, 64, 128, 256), 8  # csrc/cuda decode_supported()
+
+
+def cuda_decode_supported(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether csrc/cuda's decode kernel covers this attention shape (the same rule as the kernel's
+    `decode_supported`): checked when the engine starts, not at its first decode step."""
+    return (head_dim in CUDA_DECODE_HEAD_DIMS and num_kv_heads > 0 and num_heads % num_kv_heads == 0
+            and num_heads // num_kv_heads <= CUDA_DECODE_MAX_GROUP)
+
+
 def paged_attention_decode(
     query: torch.Tensor,
     k_cache: torch.Tensor,

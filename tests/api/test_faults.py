@@ -59,6 +59,40 @@ def test_a_dead_engine_loop_fails_requests_turns_health_off_and_exits_non_zero(l
     assert code == 1 and rpc_code == grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_cuda_error_in_a_step_kills_the_engine_but_a_bug_in_one_step_does_not(llama_dir):
+    """A sticky device error fails every later step, so the engine is declared dead (health off,
+    exit 1); any other step failure fails the batch and the engine goes on."""
+    from server.engine import AsyncLLM
+
+    async def run(error: Exception) -> tuple[bool, bool, str]:
+        llm = AsyncLLM(str(llama_dir), num_kv_blocks=32)
+        step = llm.engine.step
+        failures = [error]
+
+        def flaky():
+            if failures:
+                raise failures.pop()
+            return step()
+
+        llm.engine.step = flaky
+        try:
+            with pytest.raises(Exception):
+                async for _ in llm.generate("hi", SamplingParams(temperature=0, max_tokens=4)):
+                    pass
+            healthy_after = llm.healthy()
+            if healthy_after:  # the next request is served as usual
+                outs = [d async for d in llm.generate("hi", SamplingParams(temperature=0, max_tokens=4))]
+                served = outs[-1].finish_reason
+            else:
+                served = ""
+            return healthy_after, llm.error is not None, served
+        finally:
+            llm.shutdown()
+
+    assert asyncio.run(run(RuntimeError("CUDA error: an illegal memory access was encountered"))) == (False, True, "")
+    assert asyncio.run(run(ValueError("a bug in one step"))) == (True, False, "length")
+
+
 def test_an_interrupted_generate_leaves_the_engine_ready_for_the_next_call(make_llm, llama_dir):
     llm = make_llm(llama_dir, num_kv_blocks=64)
     step, calls = llm.engine.step, []

@@ -43,3 +43,19 @@ def test_cuda_binding_type_checks_against_torch_headers(tmp_path):
            str(CUDA_DIR.parent / "cuda_bindings.cpp")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+def test_the_build_carries_line_info_and_ptx_for_newer_gpus(tmp_path):
+    """Profilers map SASS to source lines (-lineinfo), and a GPU newer than sm_90a JIT-compiles
+    the embedded compute_90 PTX instead of failing with "no kernel image"."""
+    flags = (CUDA_DIR / "nvcc_flags.txt").read_text().split()
+    assert "-lineinfo" in flags and any(f.endswith("code=compute_90") for f in flags)
+    cuobjdump = Path(NVCC).with_name("cuobjdump")
+    if not cuobjdump.exists():
+        pytest.skip("no cuobjdump next to nvcc")
+    subprocess.run([NVCC, "-c", *flags, str(CUDA_DIR / "reshape_and_cache.cu"), "-o", str(tmp_path / "k.o")],
+                   check=True, capture_output=True, timeout=600)
+    listing = subprocess.run([str(cuobjdump), "--list-ptx", "--list-elf", str(tmp_path / "k.o")],
+                             capture_output=True, text=True, check=True).stdout
+    assert "sm_90a" in listing and "sm_80" in listing and "compute_90" in listing, listing

@@ -216,3 +216,12 @@ def test_ops_pass_torch_opcheck():
     key = torch.randn(3, 2, 16)
     torch.library.opcheck(torch.ops.s1serve.reshape_and_cache.default,
                           (key, key.clone(), k_cache, v_cache, torch.tensor([0, 5, -1])))
+
+
+def test_the_cuda_decode_shape_rule_is_known_before_the_first_step():
+    from server.models.paged_attention import cuda_decode_supported
+
+    assert cuda_decode_supported(32, 8, 128) and cuda_decode_supported(28, 4, 128) and cuda_decode_supported(9, 3, 64)
+    assert not cuda_decode_supported(64, 4, 128)  # a GQA group of 16
+    assert not cuda_decode_supported(8, 8, 96)  # head_dim 96
+    assert not cuda_decode_supported(6, 4, 64)  # heads not a multiple of KV heads
