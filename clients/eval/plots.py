@@ -36,7 +36,7 @@ def plot_sweep(records: list[dict], summary: dict, out_dir: Path) -> list[Path]:
         points = scores["per_budget"]
         ax.plot([p["mean_total_tokens"] for p in points], [100 * p["accuracy"] for p in points], marker="o",
                 label=f"{method.replace('_', ' ')} (performance {100 * scores['performance']:.0f}%,"
-                      f" scaling {100 * scores['scaling_per_1k_total_tokens']:+.1f}/1k)")
+                      f" scaling {100 * scores['scaling_per_1k_total_tokens']:+.0f} pp/1k tokens)")
         for p in points:
             label = f"n={p['budget']}" if method == "parallel_vote" else str(p["budget"])
             ax.annotate(label, (p["mean_total_tokens"], 100 * p["accuracy"]), fontsize=7,
