@@ -22,9 +22,8 @@ class EngineConfig:
     think_template: str | ThinkTemplate = "auto"  # s1 | r1 | qwen3 | auto (from the tokenizer) | a ThinkTemplate
     default_max_tokens: int = 1024  # a request's max_tokens when it sets none (a budgeted one: its answer's room)
     min_answer_tokens: int = 16  # a budgeted request is refused unless its answer can have this many tokens
-    # Ranks the model is sharded over (Megatron-style; one GPU each on CUDA, NCCL; gloo on the CPU).
-    # The engine starts them itself; kv_cache_gib and num_kv_blocks are per rank.
-    tensor_parallel_size: int = 1
+    # Megatron-style: one GPU per rank on CUDA (NCCL), gloo on the CPU; the engine starts the ranks itself.
+    tensor_parallel_size: int = 1  # ranks the model is sharded over; kv_cache_gib and num_kv_blocks are per rank
 
     def __post_init__(self):
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "default_max_tokens", "min_answer_tokens",
