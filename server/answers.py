@@ -32,10 +32,12 @@ def last_boxed(text: str) -> str | None:
 
 
 _ANSWER_LINE = re.compile(r"(?:final answer|answer)\s*(?:is)?\s*[:：]\s*(.+)", re.IGNORECASE)
+_LABEL_ONLY = re.compile(r"^(?:final answer|answer)\s*(?:is)?\s*[:：]?$", re.IGNORECASE)
 
 
 def extract_final_answer(text: str) -> str:
-    """The last \\boxed{} value, else what follows the last "Answer:", else the last line."""
+    """The last \\boxed{} value, else what follows the last "Answer:", else the last line ("" when
+    that line is only an answer label: a forced "Final Answer:" the model left empty)."""
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
@@ -43,7 +45,7 @@ def extract_final_answer(text: str) -> str:
     if matches:
         return matches[-1].strip().rstrip(".")
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    return lines[-1] if lines and not _LABEL_ONLY.match(lines[-1]) else ""
 
 
 _STANDALONE = r"(?<![A-Za-z])\(?([A-J])\)?(?![A-Za-z])"

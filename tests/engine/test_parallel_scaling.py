@@ -86,6 +86,9 @@ def test_majority_vote_groups_equivalent_answers_and_breaks_ties_by_the_first_sa
     normalized = majority(["Answer: The Eiffel Tower.", "answer: eiffel tower", "Answer: Louvre"], "normalized")
     assert (normalized.answer, normalized.count) == ("eiffel tower", 2)
     assert majority(["", "   "], "exact").count == 0
+    # A forced "Final Answer:" the model left empty is no answer (it must not win the vote).
+    empty = majority(["\nFinal Answer:", "\nFinal Answer:", "\nFinal Answer: 391"], "math")
+    assert (empty.answer, empty.count, empty.answers) == ("391", 1, ["", "", "391"])
 
 
 def adaptive_request(llm, adaptive: AdaptiveThinking | None, max_think: int, bias: dict):
