@@ -38,10 +38,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)  # (max_positions, head_dim)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at the step's positions, (num_tokens, 1, head_dim): gathered once per step
+        and shared by every layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+    @staticmethod
+    def apply(cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
         """q: (num_tokens, num_heads, head_dim), k: (num_tokens, num_kv_heads, head_dim)."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        cos, sin = cos_sin
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -69,14 +74,14 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, positions, rope, k_cache, v_cache, meta: pa.AttentionMetadata):
+    def forward(self, x, cos_sin, k_cache, v_cache, meta: pa.AttentionMetadata):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:  # over each head's head_dim, as Qwen3 does
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+        q, k = RotaryEmbedding.apply(cos_sin, q, k)
         pa.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
         out = torch.empty_like(q)  # (num_tokens, num_heads, head_dim)
@@ -110,8 +115,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rope, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, k_cache, v_cache, meta)
+    def forward(self, x, cos_sin, k_cache, v_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, k_cache, v_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -142,8 +147,9 @@ class CausalLM(nn.Module):
         Returns final hidden states (num_tokens, hidden); `compute_logits` projects the rows we sample.
         """
         x = self.model.embed_tokens(input_ids)
+        cos_sin = self.rope.tables(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, self.rope, kv_cache[0, i], kv_cache[1, i], meta)
+            x = layer(x, cos_sin, kv_cache[0, i], kv_cache[1, i], meta)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
