@@ -92,7 +92,7 @@ class ModelRunner:
         if rank == 0 and self.shard.size > 1:  # they load their shards while this rank loads its own
             self.workers = Workers(model_dir, worker_config(config, self.num_blocks), model_config)
         self.model = load_model(model_dir, self.dtype, self.device, self.shard)
-        # fp32 on the CPU: oneDNN with weights packed once (pack_linears picks those layers); else torch's GEMM.
+        # fp32 / bf16 on the CPU: oneDNN with weights packed once (pack_linears picks those layers); else torch's GEMM.
         packed = onednn_linear_available() and pack_linears(self.model, config.max_num_seqs)
         self.linear_backend = "onednn-packed" if packed else "torch"
         # (k/v, layer, block, slot in block, kv head, head_dim)

@@ -1,14 +1,19 @@
-"""fp32 linear layers on the CPU through oneDNN with weights packed once at load.
+"""fp32 and bf16 linear layers on the CPU through oneDNN with weights packed once at load.
 
 torch's default CPU GEMM (MKL sgemm) re-packs the weight matrix on every call; at decode batch
 sizes that copy is a fifth of the step (perf: `sgemm_scopy_right16`). oneDNN's linear takes a
 weight reordered once into its blocked layout, which measured 1.2-2x faster per layer from
 batch 1 to 2048 on these CPUs. Results differ from sgemm's only in summation order (~1e-5
-relative), like any change of GEMM kernel or batch size.
+relative), like any change of GEMM kernel or batch size. bf16 weights packed the same way run
+oneDNN's AVX512-BF16 / AMX kernels: on these Sapphire Rapids cores a bf16 engine decodes 1.6x
+faster than fp32 at batch 1 and 1.8x at 32 sequences (torch's own bf16 linear is slower than fp32).
 """
 
 import torch
 from torch import nn
+
+
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def onednn_linear_available() -> bool:
@@ -31,11 +36,11 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module, batch_hint: int) -> int:
-    """Replaces every fp32 CPU `nn.Linear` in `model` with a `PackedLinear`; returns how many."""
+    """Replaces every fp32 or bf16 CPU `nn.Linear` in `model` with a `PackedLinear`; returns how many."""
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32:
+            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu" and child.weight.dtype in PACKED_DTYPES:
                 setattr(parent, name, PackedLinear(child, batch_hint))
                 replaced += 1
     return replaced

@@ -32,11 +32,28 @@ def test_packed_linear_matches_nn_linear(rows, bias):
         torch.testing.assert_close(packed(x.view(1, rows, 96)), linear(x).view(1, rows, 200), rtol=1e-5, atol=1e-4)
 
 
-def test_pack_linears_replaces_every_fp32_linear_and_leaves_other_dtypes():
-    model = nn.Sequential(nn.Linear(8, 16), nn.Sequential(nn.Linear(16, 16, bias=False)), nn.Linear(16, 4).bfloat16())
-    assert pack_linears(model, batch_hint=8) == 2
-    assert isinstance(model[0], PackedLinear) and isinstance(model[1][0], PackedLinear)
-    assert isinstance(model[2], nn.Linear)
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_packed_bf16_linear_matches_nn_linear_in_bf16(rows):
+    """bf16 weights packed for oneDNN (AVX512-BF16 / AMX where the CPU has them) compute what
+    torch's bf16 linear computes, to bf16 rounding of the output."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    linear = nn.Linear(96, 200, bias=True).bfloat16()
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(200, 96, generator=gen))
+        linear.bias.copy_(torch.randn(200, generator=gen))
+    x = torch.randn(rows, 96, generator=gen).bfloat16()
+    packed = PackedLinear(linear, batch_hint=64)
+    with torch.inference_mode():
+        reference = nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+        torch.testing.assert_close(packed(x).float(), reference, rtol=2e-2, atol=2e-1)
+
+
+def test_pack_linears_replaces_fp32_and_bf16_linears_and_leaves_other_dtypes():
+    model = nn.Sequential(nn.Linear(8, 16), nn.Sequential(nn.Linear(16, 16, bias=False)), nn.Linear(16, 4).bfloat16(),
+                          nn.Linear(4, 4).half())
+    assert pack_linears(model, batch_hint=8) == 3
+    assert isinstance(model[0], PackedLinear) and isinstance(model[1][0], PackedLinear) and isinstance(model[2], PackedLinear)
+    assert isinstance(model[3], nn.Linear)
 
 
 def test_the_cpu_engine_in_fp32_runs_packed_linears(make_llm, llama_dir):
