@@ -77,8 +77,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if any(v is not None for v in (args.min_think, args.max_think, args.max_waits, args.wait)):
         budget = ThinkBudget(min_think=args.min_think, max_think=args.max_think, max_waits=args.max_waits, wait=args.wait)
     sampling = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        max_tokens=args.max_tokens, seed=args.sampling_seed, stop=tuple(args.stop),
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.sampling_seed,
+        stop=tuple(args.stop),
     )
     engine = LLMEngine(resolve_model_dir(args.model), config_from_args(args, EngineConfig))
     prompt = args.prompt
@@ -251,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="HF's rule over prompt and output (default: 1, off)")
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     add_budget_flags(gen, "think budget (s1 budget forcing; any of these turns it on)")
