@@ -28,6 +28,10 @@ VOTE_METHOD = {"math": "math", "multiple_choice": "multiple_choice", "exact": "e
                "reasoning_gym": "normalized", "code": "exact"}
 
 
+def vote_method(question: Question) -> str:
+    return VOTE_METHOD.get(question.grader, "exact")
+
+
 @dataclass
 class SweepConfig:
     budgets: list[int]
@@ -96,9 +100,7 @@ class OfflineBackend:
         self.llm = LLM(model_dir, **engine_config)
 
     def generate(self, runs: list[Run], cfg: SweepConfig) -> list[dict]:
-        from server.engine import SamplingParams, ThinkBudget
-
-        from server.engine import AdaptiveThinking
+        from server.engine import AdaptiveThinking, SamplingParams, ThinkBudget
 
         conversations = [[{"role": "user", "content": r.question.question}] for r in runs]
         sampling = [SamplingParams(temperature=cfg.temperature if r.temperature is None else r.temperature,
@@ -110,7 +112,7 @@ class OfflineBackend:
         for run, o in zip(runs, outs):
             samples = o.samples or [o]
             texts = [s.answer_text for s in samples]
-            vote = majority(texts, VOTE_METHOD.get(run.question.grader, "exact")) if run.n > 1 else None
+            vote = majority(texts, vote_method(run.question)) if run.n > 1 else None
             replies.append(_reply(o.request_id, [dict(think_tokens=s.think_tokens, answer_tokens=s.answer_tokens,
                                                       num_waits=s.num_waits, think_end_forced=s.think_end_forced,
                                                       finish_reason=s.finish_reason, completion_tokens=len(s.token_ids),
@@ -140,7 +142,7 @@ class ServerBackend:
                             temperature=cfg.temperature if r.temperature is None else r.temperature, seed=r.seed,
                             min_think=r.min_think, max_think=r.max_think, max_waits=cfg.max_waits, budget=True,
                             n=r.n if r.n > 1 else None, adaptive=r.adaptive,
-                            vote=VOTE_METHOD.get(r.question.grader, "exact") if r.n > 1 else None,  # the server votes
+                            vote=vote_method(r.question) if r.n > 1 else None,  # the server votes
                         )
                     bar.update()
                     samples = done.samples or [done]
@@ -237,7 +239,7 @@ def run_sweep(questions: list[Question], cfg: SweepConfig, backend, out_dir: Pat
     adaptive = dict(every=cfg.adaptive_every, agree=cfg.adaptive_agree, probe_tokens=cfg.adaptive_probe_tokens)
     for cap in cfg.adaptive or []:
         runs = [Run(q, cap, s, ADAPTIVE, None, cap, cap + cfg.answer_tokens, cfg.seed + 1000 * s,
-                    adaptive={**adaptive, "method": VOTE_METHOD.get(q.grader, "exact")})
+                    adaptive={**adaptive, "method": vote_method(q)})
                 for q in questions for s in range(cfg.samples)]
         runs = [r for r in runs if r.key not in finished]
         if runs:

@@ -45,6 +45,11 @@ def owner_of(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()[:12]
 
 
+def tenants(api_keys: list[str] | None) -> dict[str, str]:
+    """What both fronts authenticate with: an `Authorization` header value -> its tenant."""
+    return {f"Bearer {k}": owner_of(k) for k in api_keys or ()}
+
+
 def engine_id(owner: str, request_id: str) -> str:
     """The engine's id for a client's request: per tenant, so tenants' ids never collide."""
     return f"{owner}/{request_id}" if owner else request_id
@@ -79,7 +84,7 @@ class StreamUsage(Usage):
         self.num_samples = n
         if delta.request_finished:  # the request's reason: the worst of its samples'
             reasons = {x.finish_reason for x in self.samples.values()}
-            self.finish_reason = next(r for r in ("abort", "length", "stop", "") if r in reasons or r == "")
+            self.finish_reason = next((r for r in ("abort", "length", "stop") if r in reasons), "")
 
 
 # Bounds on what a request may carry, checked before anything is tokenized.

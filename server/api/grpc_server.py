@@ -2,6 +2,7 @@
 (NOT_SERVING until the model is loaded and warmed), server reflection and optional API-key auth."""
 
 import asyncio
+import dataclasses
 
 import grpc
 from google.protobuf import json_format
@@ -10,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..errors import InvalidConfigError, InvalidRequestError, OverloadedError, RequestNotFoundError, S1ServeError, UnavailableError
-from .frontend import Frontend, StreamUsage, owner_of
+from .frontend import Frontend, StreamUsage, tenants
 from .usage import Usage
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc
@@ -24,7 +25,7 @@ OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and to
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, api_keys: list[str]):
-        self.expected = {f"Bearer {k}" for k in api_keys}
+        self.expected = set(tenants(api_keys))
 
     @staticmethod
     async def _deny(request, context):
@@ -163,7 +164,7 @@ async def _abort_with(context, exc: Exception):
 class GenerationService(generation_pb2_grpc.GenerationServicer):
     def __init__(self, frontend: Frontend, api_keys: list[str] | None = None):
         self.frontend = frontend
-        self.tenants = {f"Bearer {k}": owner_of(k) for k in api_keys or ()}
+        self.tenants = tenants(api_keys)
 
     def _owner(self, context) -> str:
         """The caller's tenant (the interceptor has already refused unknown keys)."""
@@ -197,7 +198,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             samples=out if req.sampling.n > 1 else [],
         )
         if vote is not None:
-            reply.vote.CopyFrom(pb.Vote(answer=vote.answer, count=vote.count, answers=vote.answers, method=vote.method))
+            reply.vote.CopyFrom(pb.Vote(**dataclasses.asdict(vote)))
         return reply
 
     async def GenerateStream(self, request, context):
@@ -219,8 +220,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     message.usage.CopyFrom(_usage(usage))
                     if req.vote:
                         vote = await self.frontend.vote(req, ["".join(answers[i]) for i in sorted(answers)])
-                        message.vote.CopyFrom(pb.Vote(answer=vote.answer, count=vote.count, answers=vote.answers,
-                                                      method=vote.method))
+                        message.vote.CopyFrom(pb.Vote(**dataclasses.asdict(vote)))
                 yield message
         except S1ServeError as exc:
             await _abort_with(context, exc)

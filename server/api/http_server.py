@@ -10,6 +10,7 @@ never both, and its length as `usage.completion_tokens_details.reasoning_tokens`
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import InvalidRequestError, OverloadedError, RequestNotFoundError, S1ServeError, UnavailableError
-from .frontend import Frontend, StreamUsage, owner_of
+from .frontend import Frontend, StreamUsage, tenants
 from .usage import Usage
 
 BUDGET_FIELDS = ("min_think", "max_think", "max_waits", "wait_string", "answer_prefix", "adaptive")
@@ -99,7 +100,7 @@ def usage_json(u: Usage) -> dict:
 class HttpFront:
     def __init__(self, frontend: Frontend, api_keys: list[str] | None = None):
         self.frontend = frontend
-        self.tenants = {f"Bearer {k}": owner_of(k) for k in api_keys or ()}  # Authorization -> tenant
+        self.tenants = tenants(api_keys)
         self.ready = False  # /health answers 503 until the engine is warmed up
         self.app = web.Application(middlewares=[self._errors_and_auth], client_max_size=64 * 2**20)
         self.app.add_routes([
@@ -242,9 +243,6 @@ class HttpFront:
             entries = self._logprob_entries(token_ids, logprobs)
             return {"content": entries} if chat else self._completion_logprobs(entries, offset)
 
-        def vote_json(vote) -> dict:
-            return {"answer": vote.answer, "count": vote.count, "answers": vote.answers, "method": vote.method}
-
         if not body.get("stream"):
             samples: dict[int, dict] = {}
             async for delta in stream:
@@ -269,7 +267,7 @@ class HttpFront:
             reply = {"id": req.request_id, "object": obj, "created": created, "model": model,
                      "choices": choices, "usage": usage_json(usage)}
             if req.vote:
-                reply["vote"] = vote_json(await self.frontend.vote(req, contents))
+                reply["vote"] = dataclasses.asdict(await self.frontend.vote(req, contents))
             return web.json_response(reply)
 
         # SSE. The first delta is awaited before the headers go out, so a request the engine
@@ -331,7 +329,7 @@ class HttpFront:
                     await send_text(d.index, "", content, finish)
             if req.vote:  # after every sample's end: the majority answer
                 vote = await self.frontend.vote(req, ["".join(contents.get(i, [])) for i in range(req.sampling.n)])
-                await send({}, {"vote": vote_json(vote)})
+                await send({}, {"vote": dataclasses.asdict(vote)})
             if include_usage:
                 await send({}, {"usage": usage_json(usage)})
             await response.write(b"data: [DONE]\n\n")

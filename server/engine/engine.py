@@ -9,6 +9,7 @@ the core (schedule, run, force budgets, EOS / stop ids / length) and the output 
 `make_sequence` before they touch the scheduler, so a bad one never disturbs the batch.
 """
 
+import copy
 import logging
 import random
 from pathlib import Path
@@ -125,10 +126,10 @@ class LLMEngine:
             think, max_tokens = self._plan_budget(budget, sampling, len(token_ids), thinking)
         seed = sampling.seed if sampling.seed is not None else self._rng.getrandbits(63)
         seq = Sequence(request_id, token_ids, sampling, seed, think=think, max_tokens=max_tokens)
-        for index in range(1, sampling.n):  # forked off `seq` once its prompt is computed
-            sibling_think = None if budget is None else self._plan_budget(budget, sampling, len(token_ids), thinking)[0]
-            seq.pending_forks.append(Sequence(request_id, token_ids, sampling, sample_seed(seed, index), think=sibling_think,
-                                              max_tokens=max_tokens, index=index, status=SequenceStatus.FORKING))
+        for index in range(1, sampling.n):  # forked off `seq` once its prompt is computed; its own budget state
+            seq.pending_forks.append(Sequence(request_id, token_ids, sampling, sample_seed(seed, index),
+                                              think=copy.deepcopy(think), max_tokens=max_tokens, index=index,
+                                              status=SequenceStatus.FORKING))
         return seq
 
     def _tokenize(self, prompt: Prompt, budgeted: bool) -> tuple[list[int], bool]:
@@ -288,10 +289,17 @@ class LLMEngine:
         """Start sample `child` on `parent`'s computed prompt blocks (copy-on-write); True when it
         takes the first token sampled for it this step. Without a free block for the copy it is
         queued instead and computes its prompt itself (the prefix cache still shares full blocks)."""
+        if self._share_blocks(parent, child):
+            return True
+        child.status = SequenceStatus.WAITING
+        self.scheduler.add(child)
+        return False
+
+    def _share_blocks(self, parent: Sequence, child: Sequence) -> bool:
+        """Fork `child` copy-on-write off `parent`'s computed tokens and run it from the next step;
+        False, changing nothing, when no block is free for the copy of the partly filled one."""
         copies = self.block_manager.fork(parent, child)
         if copies is None:
-            child.status = SequenceStatus.WAITING
-            self.scheduler.add(child)
             return False
         self.runner.copy_blocks(copies)
         self.scheduler.add_running(child)
@@ -307,13 +315,9 @@ class LLMEngine:
                          SamplingParams(temperature=0, max_tokens=adaptive.probe_tokens, logit_bias=seq.sampling.logit_bias),
                          seed=0,
                          max_tokens=adaptive.probe_tokens, index=seq.index, probe_of=seq)
-        copies = self.block_manager.fork(seq, probe)
-        if copies is None:
-            return
-        self.runner.copy_blocks(copies)
-        self.scheduler.add_running(probe)
-        seq.probe = probe
-        seq.think.num_probes += 1
+        if self._share_blocks(seq, probe):
+            seq.probe = probe
+            seq.think.num_probes += 1
 
     def _advance_probe(self, probe: Sequence, token: int) -> list[StepOutput]:
         """A probe's greedy answer token; when it is done, its answer decides whether thinking ends."""

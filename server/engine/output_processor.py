@@ -46,8 +46,8 @@ class OutputProcessor:
     def add(self, seq: Sequence) -> None:
         detokenizer = IncrementalDetokenizer(self.tokenizer, self.vocab_size, seq.prompt_token_ids)
         self.requests[seq] = RequestState(seq.request_id, seq.sampling.stop, detokenizer,
-                                                     answer_started=seq.think is None or seq.think.phase is Phase.ANSWER,
-                                                     wants_logprobs=seq.sampling.logprobs is not None)
+                                          answer_started=seq.think is None or seq.think.phase is Phase.ANSWER,
+                                          wants_logprobs=seq.sampling.logprobs is not None)
 
     def process(self, seq: Sequence, segments: list[Segment], finish: FinishReason | None,
                 logprobs: TokenLogprobs | None = None) -> StepOutput:

@@ -6,6 +6,7 @@ API layer can reject a request before it reaches the scheduler.
 
 from dataclasses import dataclass, field
 
+from ..answers import METHODS
 from ..errors import InvalidSamplingParamError
 
 MAX_LOGPROBS = 20  # most likely alternatives a request may ask for per token (OpenAI's limit)
@@ -105,8 +106,6 @@ class AdaptiveThinking:
     method: str = "math"
 
     def __post_init__(self):
-        from ..answers import METHODS
-
         for name, low in (("every", 1), ("agree", 1), ("probe_tokens", 1)):
             if getattr(self, name) < low:
                 raise InvalidSamplingParamError(f"adaptive.{name}", f"must be >= {low}, got {getattr(self, name)}")

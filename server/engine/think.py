@@ -25,6 +25,7 @@ opener the model writes there is answer text. The semantics are DESIGN.md's "Bud
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ..answers import same
 from ..errors import InvalidConfigError, InvalidRequestError
 from .params import ThinkBudget
 
@@ -238,8 +239,6 @@ class ThinkState:
 
     def record_probe(self, answer: str) -> bool:
         """Note a probe's answer; True when the last `agree` probes gave the same non-empty one."""
-        from ..answers import same
-
         self.probe_answers.append(answer)
         a = self.budget.adaptive
         last = self.probe_answers[-a.agree :]
@@ -250,8 +249,7 @@ class ThinkState:
         self.phase = Phase.ANSWER
         self.think_end_forced = self.converged = True
         self.events.append(Event.THINK_CONVERGED)
-        return [s for s in (Segment(Phase.DELIMITER, self.think_end, forced=True),
-                            Segment(Phase.ANSWER, self.answer_prefix, forced=True)) if s.token_ids]
+        return self._forced_end()
 
     def _may_insert_wait(self) -> bool:
         b = self.budget
@@ -270,8 +268,7 @@ class ThinkState:
         elif ends_thinking:  # the model's own end (or EOS, as in the s1 loop): complete the delimiter
             self.phase = Phase.ANSWER
             if is_eos:  # the model wrote no delimiter: the engine ends thinking as at the cut
-                return [s for s in (Segment(Phase.DELIMITER, self.think_end, forced=True),
-                                    Segment(Phase.ANSWER, self.answer_prefix, forced=True)) if s.token_ids]
+                return self._forced_end()
             return [s for s in (Segment(Phase.DELIMITER, (sampled,), forced=False),
                                 Segment(Phase.DELIMITER, self.think_end[1:], forced=True)) if s.token_ids]
         else:
@@ -281,10 +278,13 @@ class ThinkState:
             self.phase = Phase.ANSWER
             self.think_end_forced = True
             self.events.append(Event.THINK_END_FORCED)
-            segments.append(Segment(Phase.DELIMITER, self.think_end, forced=True))
-            if self.answer_prefix:
-                segments.append(Segment(Phase.ANSWER, self.answer_prefix, forced=True))
+            segments += self._forced_end()
         return segments
+
+    def _forced_end(self) -> list[Segment]:
+        """The delimiter and the answer prefix, as the engine appends them when it ends thinking."""
+        return [s for s in (Segment(Phase.DELIMITER, self.think_end, forced=True),
+                            Segment(Phase.ANSWER, self.answer_prefix, forced=True)) if s.token_ids]
 
     def take_events(self) -> list[str]:
         events, self.events = [e.value for e in self.events], []
