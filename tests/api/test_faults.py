@@ -174,7 +174,7 @@ def test_a_rest_client_that_disconnects_frees_its_request_within_a_second(server
     long = {"prompt": "x", "max_tokens": 480, "temperature": 0, "stream": stream}  # greedy "x" runs to the limit
     socks = [raw_request(server, long) for _ in range(4)]
     deadline = time.monotonic() + 10
-    while not engine.has_unfinished():
+    while len(engine.sequences) < 4:  # every request reached the engine (a client gone before that aborts nothing)
         assert time.monotonic() < deadline
         time.sleep(0.01)
     if stream:
