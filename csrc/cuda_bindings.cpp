@@ -5,6 +5,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <cstdint>
 #include <initializer_list>
 #include <utility>
 
@@ -30,7 +31,7 @@ void check_same_device(const char* op, std::initializer_list<std::pair<const cha
     TORCH_CHECK(t->device() == first.device(), op, ": ", name, " is on ", t->device(), ", expected ", first.device());
 }
 
-constexpr int64_t kMaxGridY = 65535;  // gridDim.y carries the sequences of a decode launch
+constexpr int64_t kMaxGridY = 65535;  // gridDim.y / z carry a decode launch's sequences / partitions
 
 void check_launch(cudaError_t status, const char* op) {
   TORCH_CHECK(status != cudaErrorInvalidValue, op, ": shape not supported by the CUDA kernel");
@@ -50,7 +51,8 @@ void paged_attention_decode(torch::Tensor out, const torch::Tensor& query, const
   TORCH_CHECK(cuda::decode_supported(static_cast<int>(query.size(1)), static_cast<int>(k_cache.size(2)),
                                      static_cast<int>(query.size(2))),
               "paged_attention_decode: ", query.size(1), " heads over ", k_cache.size(2), " KV heads of dim ",
-              query.size(2), " is not supported by the CUDA kernel (GQA group <= 8, head_dim in 16/32/64/128/256)");
+              query.size(2), " is not supported by the CUDA kernel (GQA group <= ", cuda::kDecodeMaxGroup,
+              ", head_dim in 16/32/64/128/256)");
   TORCH_CHECK(block_tables.scalar_type() == torch::kLong && context_lens.scalar_type() == torch::kLong,
               "block_tables and context_lens must be int64");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == query.size(0) && context_lens.dim() == 1 &&
@@ -63,13 +65,32 @@ void paged_attention_decode(torch::Tensor out, const torch::Tensor& query, const
   TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type(), "out must match query");
   TORCH_CHECK(k_cache.scalar_type() == query.scalar_type() && v_cache.scalar_type() == query.scalar_type(),
               "cache and query dtypes differ");
+  TORCH_CHECK(k_cache.size(0) * k_cache.size(1) < (int64_t{1} << 31), "paged_attention_decode: at most 2^31 cache slots");
+  // The kernel reads 16 bytes at a time.
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&out, &query, &k_cache, &v_cache})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, "paged_attention_decode: tensors must be 16-byte aligned");
+  // Partitions of the longest possible context (the table's width), so sizing the workspace
+  // needs no host sync on context_lens.
+  const int64_t max_context = block_tables.size(1) * k_cache.size(1);
+  const int partitions = cuda::decode_partitions(max_context);
+  TORCH_CHECK(partitions <= kMaxGridY, "paged_attention_decode: contexts of at most ",
+              kMaxGridY * cuda::kDecodePartitionTokens, " tokens");
   const c10::cuda::CUDAGuard guard(query.device());
+  torch::Tensor partial_out, partial_stats;
+  if (partitions > 1) {
+    const auto options = query.options().dtype(torch::kFloat);
+    partial_out = torch::empty({query.size(0), query.size(1), partitions, query.size(2)}, options);
+    partial_stats = torch::empty({2, query.size(0), query.size(1), partitions}, options);
+  }
+  float* stats = partitions > 1 ? partial_stats.data_ptr<float>() : nullptr;
   cuda::DecodeArgs args{out.data_ptr(), query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                         block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
+                        partitions > 1 ? partial_out.data_ptr<float>() : nullptr, stats,
+                        stats == nullptr ? nullptr : stats + partial_stats[0].numel(),
                         static_cast<int>(query.size(0)), static_cast<int>(query.size(1)),
                         static_cast<int>(k_cache.size(2)), static_cast<int>(query.size(2)),
                         static_cast<int>(k_cache.size(1)), static_cast<int>(block_tables.size(1)),
-                        static_cast<float>(scale)};
+                        partitions, static_cast<float>(scale)};
   check_launch(cuda::paged_attention_decode(args, dtype_of(query), c10::cuda::getCurrentCUDAStream()),
                "paged_attention_decode");
 }

@@ -10,7 +10,9 @@ from .think import THINK_TEMPLATES, ThinkTemplate
 class EngineConfig:
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # KV pool size; None = derive from kv_cache_gib
-    kv_cache_gib: float = 2.0  # memory for the KV pool when num_kv_blocks is not given
+    kv_cache_gib: float | None = None  # memory for the KV pool; None = 2 on CPU, from gpu_memory_utilization on CUDA
+    # share of the GPU's memory for weights, activations and KV pool; the pool gets what a profiling forward leaves
+    gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 2048  # tokens computed per engine step (prefill chunks + decodes)
     long_prefill_token_threshold: int = 512  # a prompt's tokens per step at most (0: no cap): short requests go beside it
@@ -35,8 +37,10 @@ class EngineConfig:
             raise InvalidConfigError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise InvalidConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if self.kv_cache_gib <= 0:
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
             raise InvalidConfigError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise InvalidConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if isinstance(self.think_template, str) and self.think_template not in ("auto", *THINK_TEMPLATES):

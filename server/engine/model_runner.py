@@ -5,6 +5,9 @@ prefill chunks), writes their K/V through a slot mapping, runs one forward, and 
 sequences whose last token was computed (a partial prefill chunk samples nothing).
 """
 
+import itertools
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import InvalidConfigError, UnsupportedModelError
@@ -18,6 +21,7 @@ from ..models.paged_attention import (
     PrefillMetadata,
     attention_backend,
     cuda_decode_supported,
+    to_device,
 )
 from ..models.parallel import Shard
 from .config import EngineConfig
@@ -66,6 +70,37 @@ def context_len(config: EngineConfig, cfg: ModelConfig) -> int:
     return min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
 
 
+@dataclass
+class GpuMemory:
+    free: int  # on the device, all processes
+    total: int
+    allocated: int  # by this process's torch tensors
+    reserved: int  # by this process's caching allocator
+
+
+def gpu_memory(device: torch.device) -> GpuMemory:
+    free, total = torch.cuda.mem_get_info(device)
+    return GpuMemory(free, total, torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
+
+
+def kv_bytes_for_gpu(total: int, free_at_start: int, utilization: float, peak_torch: int, non_torch: int) -> int:
+    """vLLM's rule: this engine may use `utilization` of the GPU; the KV pool gets what the
+    weights and the profiled peak activations (`peak_torch`) and memory outside torch's
+    allocator (`non_torch`) leave of it. Refused when other processes hold memory it would need."""
+    gib = 2**30
+    requested = int(total * utilization)
+    if requested > free_at_start:
+        raise InvalidConfigError(
+            f"gpu_memory_utilization: {utilization:g} of {total / gib:.1f} GiB is {requested / gib:.1f} GiB, but only"
+            f" {free_at_start / gib:.1f} GiB was free at start-up (another process holds the rest); lower it")
+    kv_bytes = requested - peak_torch - non_torch
+    if kv_bytes <= 0:
+        raise InvalidConfigError(
+            f"gpu_memory_utilization: {requested / gib:.1f} GiB leaves nothing for the KV cache after the weights and"
+            f" activations ({(peak_torch + non_torch) / gib:.1f} GiB); raise it or lower --max-num-batched-tokens")
+    return kv_bytes
+
+
 class ModelRunner:
     """Rank 0 of the engine (or its only rank). With `tensor_parallel_size` > 1 it starts the
     other ranks (tensor_parallel.py), sends them each step's inputs and samples alone."""
@@ -85,8 +120,14 @@ class ModelRunner:
         # Each rank's pool holds its own KV heads; all ranks have the same number of blocks.
         kv_shape = (config.block_size, self.shard.kv_heads(cfg), cfg.head_dim)
         bytes_per_block = 2 * cfg.num_hidden_layers * kv_shape[0] * kv_shape[1] * kv_shape[2] * self.dtype.itemsize
-        self.num_blocks = config.num_kv_blocks or self._blocks_for_memory(config, cfg, bytes_per_block)
-        if rank == 0:
+        # On one GPU with no explicit pool size, the pool is what a profiling forward leaves of
+        # gpu_memory_utilization; tensor-parallel ranks must agree on a size before they load, so
+        # they (and the CPU) size it from kv_cache_gib.
+        profile = (self.device.type == "cuda" and self.shard.size == 1 and config.num_kv_blocks is None
+                   and config.kv_cache_gib is None)
+        at_start = gpu_memory(self.device) if profile else None
+        self.num_blocks = config.num_kv_blocks or (0 if profile else self._blocks_for_memory(config, cfg, bytes_per_block))
+        if rank == 0 and not profile:
             self._check_memory(model_dir, config, self.num_blocks * bytes_per_block)  # before anything is allocated
         self.workers = None
         if rank == 0 and self.shard.size > 1:  # they load their shards while this rank loads its own
@@ -95,6 +136,8 @@ class ModelRunner:
         # fp32 / bf16 on the CPU: oneDNN with weights packed once (pack_linears picks those layers); else torch's GEMM.
         packed = onednn_linear_available() and pack_linears(self.model, config.max_num_seqs)
         self.linear_backend = "onednn-packed" if packed else "torch"
+        if profile:
+            self.num_blocks = self._blocks_for_gpu(config, cfg, bytes_per_block, at_start)
         # (k/v, layer, block, slot in block, kv head, head_dim)
         self.kv_cache = torch.zeros(
             (2, cfg.num_hidden_layers, self.num_blocks, *kv_shape), dtype=self.dtype, device=self.device
@@ -133,11 +176,35 @@ class ModelRunner:
             )
 
     @staticmethod
-    def _blocks_for_memory(config: EngineConfig, cfg: ModelConfig, bytes_per_block: int) -> int:
-        """Blocks that fit in kv_cache_gib, but never more than max_num_seqs full-length sequences
-        can use: a small model would otherwise allocate (and zero) gigabytes it cannot fill."""
+    def _blocks_for_memory(config: EngineConfig, cfg: ModelConfig, bytes_per_block: int, kv_bytes: int | None = None) -> int:
+        """Blocks that fit in kv_bytes (default: kv_cache_gib, 2 GiB when unset), but never more
+        than max_num_seqs full-length sequences can use: a small model would otherwise allocate
+        (and zero) gigabytes it cannot fill."""
+        if kv_bytes is None:
+            kv_bytes = int((config.kv_cache_gib or 2.0) * 2**30)
         usable = config.max_num_seqs * -(-context_len(config, cfg) // config.block_size)
-        return max(1, min(int(config.kv_cache_gib * 2**30) // bytes_per_block, usable))
+        return max(1, min(kv_bytes // bytes_per_block, usable))
+
+    @torch.inference_mode()
+    def _blocks_for_gpu(self, config: EngineConfig, cfg: ModelConfig, bytes_per_block: int, at_start: "GpuMemory") -> int:
+        """Runs the largest step the scheduler can send (max_num_batched_tokens as one prefill,
+        logits for max_num_seqs rows) with no KV pool yet, and gives the pool what it leaves."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens = config.max_num_batched_tokens
+        step = StepInputs(input_ids=[0] * tokens, positions=list(range(tokens)), slots=[-1] * tokens,  # writes nothing
+                          prefill_q=[tokens], prefill_ctx=[tokens], prefill_tables=[[0] * -(-tokens // self.block_size)])
+        self.kv_cache = torch.zeros((2, cfg.num_hidden_layers, 1, self.block_size, self.shard.kv_heads(cfg), cfg.head_dim),
+                                    dtype=self.dtype, device=self.device)
+        hidden = self.execute(step)
+        self.model.compute_logits(hidden[-1:].expand(min(config.max_num_seqs, tokens), -1).contiguous())
+        torch.cuda.synchronize(self.device)
+        del self.kv_cache, hidden
+        now = gpu_memory(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - at_start.allocated  # this engine's weights + activations
+        non_torch = max(0, (at_start.free - now.free) - (now.reserved - at_start.reserved))  # CUDA context, cuBLAS
+        kv_bytes = kv_bytes_for_gpu(now.total, at_start.free, config.gpu_memory_utilization, peak, non_torch)
+        return self._blocks_for_memory(config, cfg, bytes_per_block, kv_bytes)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """K/V of block `source` into block `destination`, every layer, on every rank: done at
@@ -213,16 +280,32 @@ class ModelRunner:
         return step, sample_rows
 
     def tensors(self, step: StepInputs):
-        device = self.device
+        """The step's ids, positions and metadata, built as one host buffer and moved to the
+        device in one (pinned, non-blocking) copy; every tensor is a view of it."""
         width = max((len(t) for t in step.decode_tables), default=0)
+        prefill_width = max((len(t) for t in step.prefill_tables), default=0)
+        parts = [
+            step.input_ids, step.positions, step.slots, step.decode_lens,
+            [b for t in step.decode_tables for b in (*t, *[0] * (width - len(t)))],
+            [0, *itertools.accumulate(step.prefill_q)], [0, *itertools.accumulate(step.prefill_ctx)],
+            [b for t in step.prefill_tables for b in (*t, *[0] * (prefill_width - len(t)))],
+        ]
+        flat = to_device(torch.tensor([v for part in parts for v in part], dtype=torch.long), self.device)
+        ids, positions, slots, decode_lens, decode_tables, cu_q, cu_k, prefill_tables = flat.split([len(p) for p in parts])
+        prefill = None
+        if step.prefill_q:
+            prefill = PrefillMetadata(
+                cu_seqlens_q=cu_q.int(), cu_seqlens_k=cu_k.int(),
+                block_tables=prefill_tables.view(len(step.prefill_q), prefill_width),
+                max_seqlen_q=max(step.prefill_q), max_seqlen_k=max(step.prefill_ctx),
+                query_lens=step.prefill_q, context_lens=step.prefill_ctx,
+            )
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(step.slots, device=device),
-            num_decode_tokens=len(step.decode_tables),
-            decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in step.decode_tables], device=device, dtype=torch.long),
-            decode_context_lens=torch.tensor(step.decode_lens, device=device, dtype=torch.long),
-            prefill=PrefillMetadata.build(step.prefill_q, step.prefill_ctx, step.prefill_tables, device) if step.prefill_q else None,
+            slot_mapping=slots, num_decode_tokens=len(step.decode_tables),
+            decode_block_tables=decode_tables.view(len(step.decode_tables), width),
+            decode_context_lens=decode_lens, prefill=prefill,
         )
-        return torch.tensor(step.input_ids, device=device), torch.tensor(step.positions, device=device), meta
+        return ids, positions, meta
 
     def prepare_inputs(self, seqs: list[Sequence], counts: list[int]):
         """The forward's tensors for a batch (ids, positions, metadata) and the sample rows."""

@@ -1,9 +1,9 @@
 """Turn the last-position logits of each sequence into one token id.
 
 Every row gets logit_bias and the presence / frequency / repetition penalties. Greedy rows take
-the argmax. Other rows apply temperature, min-p, top-k and top-p, then draw
-with the Gumbel/exponential trick from a generator seeded by (request seed, output position): a
-request's draws depend on nothing else in the batch, and survive preemption unchanged.
+the argmax. Other rows apply temperature, min-p, top-k and top-p, then draw by inverse CDF with a
+uniform derived from (request seed, output position): a request's draws depend on nothing else
+in the batch, and survive preemption unchanged.
 """
 
 import torch
@@ -24,6 +24,11 @@ def draw_seed(seed: int, position: int) -> int:
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
+def uniform(seed: int) -> float:
+    """A float in [0, 1) from a 63-bit seed (its top 53 bits)."""
+    return (seed >> 10) * 2.0**-53
+
+
 def sample_seed(seed: int, index: int) -> int:
     """Sample `index` of a request with `n` samples: index 0 keeps the request's seed."""
     return seed if index == 0 else draw_seed(seed ^ 0x5EED5A3A1E5, index)
@@ -39,7 +44,7 @@ class Sampler:
         raw_logprobs = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None
         for row, seq in enumerate(seqs):
             self._adjust(logits[row], seq)
-        tokens = logits.argmax(dim=-1).tolist()
+        tokens = logits.argmax(dim=-1)
 
         rows = [i for i, seq in enumerate(seqs) if not seq.sampling.greedy]
         if rows:
@@ -47,15 +52,15 @@ class Sampler:
             sub = logits[rows]  # (n, vocab)
             temps = torch.tensor([p.temperature for p in params], device=sub.device)
             probs = self._filtered_probs(sub / temps[:, None], params)
-            # Each row's noise from its own generator (batch-independent), then one argmax and one
-            # host transfer for the whole batch.
-            noise = torch.empty_like(probs)
-            for j, row in enumerate(rows):
-                gen = torch.Generator(device=sub.device)
-                gen.manual_seed(draw_seed(seqs[row].seed, seqs[row].num_output_tokens))
-                noise[j].exponential_(generator=gen)
-            for row, token in zip(rows, (probs / noise).argmax(dim=-1).tolist()):
-                tokens[row] = token
+            # Inverse-CDF draws, one uniform per row from its own (seed, position): the whole batch
+            # in one cumsum and one search, with no per-row generator or host sync.
+            uniforms = [uniform(draw_seed(seqs[i].seed, seqs[i].num_output_tokens)) for i in rows]
+            cdf = probs.cumsum(dim=-1)
+            total = cdf[:, -1:]  # ~1; below it by an ulp, so rounding never lands past the last token with mass
+            targets = torch.minimum(torch.tensor(uniforms, device=sub.device)[:, None] * total, total * (1 - 2**-23))
+            drawn = torch.searchsorted(cdf, targets, right=True).clamp_(max=cdf.shape[-1] - 1)
+            tokens[rows] = drawn[:, 0]
+        tokens = tokens.tolist()  # the step's one host transfer
 
         results: list[Sample] = [(t, None) for t in tokens]
         for j, row in enumerate(want_logprobs):

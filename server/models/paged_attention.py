@@ -5,7 +5,8 @@ per layer; a token's slot is `block * block_size + offset`. `paged_attention_dec
 csrc/ kernel (`torch.ops.s1serve`) where one is built for the tensors' device and the torch
 reference otherwise (so does `reshape_and_cache`); `attention_backend()` says which.
 `paged_attention_prefill` takes a varlen batch (cu_seqlens) and runs our kernel on the CPU and
-flash-attn or SDPA on CUDA; `prefill_backend()` says which. The engine logs both at start.
+flash-attn or SDPA on CUDA (`prefill_backend()` says which), except that short chunks after cached
+context run on the CUDA decode kernel. The engine logs both at start.
 """
 
 import functools
@@ -17,6 +18,14 @@ import torch
 import torch.nn.functional as F
 
 import server._C
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU it goes through pinned memory without blocking the host
+    (the caching host allocator keeps the buffer alive until the copy is done); the CPU keeps it."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -48,6 +57,21 @@ class PrefillMetadata:
             query_lens=query_lens,
             context_lens=context_lens,
         )
+
+    @property
+    def has_cached_context(self) -> bool:
+        return self.query_lens != self.context_lens
+
+    @functools.cached_property
+    def query_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every query row as a decode row: its sequence's block table and the length of its
+        causal prefix (ctx - q_len + j + 1 for the j-th new token). Built on the first layer
+        that asks, then shared by the step's other layers."""
+        seqs = [i for i, n in enumerate(self.query_lens) for _ in range(n)]
+        lens = [c - q + j + 1 for q, c in zip(self.query_lens, self.context_lens) for j in range(q)]
+        device = self.block_tables.device
+        rows = to_device(torch.tensor([seqs, lens], dtype=torch.long), device)
+        return self.block_tables.index_select(0, rows[0]), rows[1]
 
 
 @dataclass
@@ -112,7 +136,7 @@ def attention_backend(device_type: str) -> str:
     return f"csrc-{device_type}" if has_kernels else "torch-reference"
 
 
-CUDA_DECODE_HEAD_DIMS, CUDA_DECODE_MAX_GROUP = (16, 32, 64, 128, 256), 8  # csrc/cuda decode_supported()
+CUDA_DECODE_HEAD_DIMS, CUDA_DECODE_MAX_GROUP = (16, 32, 64, 128, 256), 8  # csrc/cuda/kernels.h decode_supported()
 
 
 def cuda_decode_supported(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
@@ -171,6 +195,8 @@ def paged_attention_prefill(
     """query: (total_q, num_heads, head_dim) -> same shape; key/value: the new tokens'
     (total_q, num_kv_heads, head_dim), already written to the cache."""
     backend = prefill_backend(query.device.type)
+    if backend != "csrc-cpu" and through_decode_kernel(query.device.type, meta):
+        return prefill_through_decode(query, k_cache, v_cache, meta, scale)
     if backend == "csrc-cpu":
         out = torch.empty_like(query)
         torch.ops.s1serve.paged_attention_prefill(
@@ -195,12 +221,34 @@ def prefill_backend(device_type: str) -> str:
     return "sdpa"
 
 
+# Prefill chunks of at most this many tokens per sequence that follow cached context run on the
+# decode kernel (see through_decode_kernel): budget forcing's Wait and forced end are 1-10 tokens.
+DECODE_KERNEL_MAX_QUERY = 64
+
+
+def through_decode_kernel(device_type: str, meta: PrefillMetadata) -> bool:
+    """On CUDA, short chunks after cached context (every Wait and forced end of budget forcing,
+    a follow-up turn's new tokens) read the cache in place through the split-KV decode kernel,
+    one query row at a time, instead of gathering the whole context every layer for flash-attn
+    or SDPA (~64 MiB per layer at 32k). Longer chunks keep the gather: flash-attn's paged mode
+    needs 256-token blocks, and over 64+ query rows the gather is a small share of the work."""
+    return (device_type == "cuda" and attention_backend("cuda") == "csrc-cuda" and meta.has_cached_context
+            and meta.max_seqlen_q <= DECODE_KERNEL_MAX_QUERY)
+
+
+def prefill_through_decode(query, k_cache, v_cache, meta: PrefillMetadata, scale: float) -> torch.Tensor:
+    """Each query row attends to its causal prefix through its sequence's block table: the same
+    result as the bottom-right causal mask, with nothing gathered."""
+    tables, lens = meta.query_rows
+    return paged_attention_decode(query, k_cache, v_cache, tables, lens, scale)
+
+
 def prefill_flash_attn(query, key, value, k_cache, v_cache, meta: PrefillMetadata, scale: float) -> torch.Tensor:
     """One varlen call for the batch. Chunks with cached context read it through a gather of
     their slots (flash-attn's own paged mode needs blocks of 256 tokens)."""
     from flash_attn import flash_attn_varlen_func
 
-    if meta.query_lens != meta.context_lens:
+    if meta.has_cached_context:
         key, value = gather_context(k_cache, v_cache, meta)
     return flash_attn_varlen_func(
         query, key, value, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k,

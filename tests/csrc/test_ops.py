@@ -20,6 +20,8 @@ from server.models.paged_attention import (
     paged_attention_prefill_reference,
     prefill_backend,
     prefill_sdpa,
+    prefill_through_decode,
+    through_decode_kernel,
     reshape_and_cache,
     reshape_and_cache_reference,
 )
@@ -150,6 +152,29 @@ def test_the_sdpa_prefill_path_matches_reference():
     query, key, value, k_cache, v_cache, meta = random_prefill_batch([9, 40, 64], [9, 7, 64], 8, 2, 64, 16, seed)
     got = prefill_sdpa(query, key, value, k_cache, v_cache, meta, 0.125)
     assert relative_error(got, paged_attention_prefill_reference(query, k_cache, v_cache, meta, 0.125)) < 1e-5
+
+
+def test_short_chunks_after_cached_context_match_the_reference_through_the_decode_kernel():
+    """The path CUDA takes for budget forcing's Wait / forced-end chunks (each query row as a
+    decode row over its causal prefix), checked here with the CPU decode kernel; whole prompts
+    in the same batch ride along as rows of their own."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    query, _, _, k_cache, v_cache, meta = random_prefill_batch([9, 40, 700, 3], [3, 1, 12, 3], 8, 2, 64, 16, seed)
+    got = prefill_through_decode(query, k_cache, v_cache, meta, 0.125)
+    assert relative_error(got, paged_attention_prefill_reference(query, k_cache, v_cache, meta, 0.125)) < 1e-5
+    tables, lens = meta.query_rows
+    assert lens.tolist() == [7, 8, 9, 40, *range(689, 701), 1, 2, 3] and tables.shape[0] == 19
+    assert meta.query_rows is meta.query_rows  # built once per step, shared by every layer
+
+
+def test_only_short_chunks_after_cached_context_take_the_decode_kernel_and_only_on_cuda():
+    short = random_prefill_batch([40, 9], [2, 9], 4, 2, 64, 16, seed=1)[-1]
+    whole = random_prefill_batch([40, 9], [40, 9], 4, 2, 64, 16, seed=1)[-1]
+    long_chunk = random_prefill_batch([200, 9], [65, 9], 4, 2, 64, 16, seed=1)[-1]
+    assert not through_decode_kernel("cpu", short)  # the CPU prefill kernel reads the cache in place already
+    if attention_backend("cuda") == "csrc-cuda":
+        assert through_decode_kernel("cuda", short)
+        assert not through_decode_kernel("cuda", whole) and not through_decode_kernel("cuda", long_chunk)
 
 
 def test_prefill_is_stable_at_32k_context_with_peaked_scores():

@@ -16,6 +16,7 @@ from server.models.paged_attention import (
     prefill_sdpa,
     reshape_and_cache,
     reshape_and_cache_reference,
+    through_decode_kernel,
 )
 from tests.conftest import hf_greedy, random_prompts
 
@@ -44,12 +45,63 @@ def test_decode_matches_reference_on_cuda(dtype, block_size, head_dim, num_heads
     assert relative_error(got, want) < TOLERANCE[dtype], f"seed {seed}"
 
 
-def test_decode_on_cuda_is_stable_at_32k_context():
-    batch = [t.cuda() for t in random_paged_batch([32768, 7], 8, 2, 128, 16, seed=1)]
+PARTITION = 512  # csrc/cuda/kernels.h kDecodePartitionTokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("group", range(1, 9))
+def test_split_kv_decode_matches_reference_for_every_group_and_head_dim(dtype, head_dim, group):
+    """Contexts on both sides of the partition edges (one partition written directly, several
+    merged), GQA groups 1-8 (the kernel rounds a group up to 1, 2, 4 or 8 internally)."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    lens = [1, 7, PARTITION - 1, PARTITION, PARTITION + 1, 3 * PARTITION + 5]
+    batch = [t.cuda() for t in random_paged_batch(lens, 2 * group, 2, head_dim, 16, seed, dtype)]
+    got = paged_attention_decode(*batch, head_dim**-0.5)
+    want = paged_attention_decode_reference(*(t.double() if t.is_floating_point() else t for t in batch), head_dim**-0.5)
+    assert relative_error(got, want) < TOLERANCE[dtype], f"seed {seed}"
+
+
+@pytest.mark.parametrize("group", range(1, 9))
+def test_split_kv_decode_on_cuda_is_stable_at_32k_context(group):
+    """A 32k context is 64 partitions; peaked scores (query x 8) stress the merge's rescaling."""
+    batch = [t.cuda() for t in random_paged_batch([32768, 7], 4 * group, 4, 128, 16, seed=group)]
     query = batch[0] * 8
     got = paged_attention_decode(query, *batch[1:], 1.0)
     want = paged_attention_decode_reference(*(t.double() if t.is_floating_point() else t for t in (query, *batch[1:])), 1.0)
     assert torch.isfinite(got).all() and relative_error(got, want) < 1e-5
+
+
+def test_cuda_decode_binding_refuses_what_would_fault_on_the_device():
+    query, k_cache, v_cache, tables, lens = (t.cuda() for t in random_paged_batch([40, 9], 8, 2, 128, 16, seed=3))
+    op = torch.ops.s1serve.paged_attention_decode
+    out = torch.empty_like(query)
+    cases = {
+        "block_tables": (out, query, k_cache, v_cache, tables.cpu(), lens),  # a host table: an illegal address
+        "one row per query": (out, query, k_cache, v_cache, tables[:1], lens),
+        "dtypes differ": (out, query, k_cache, v_cache.half(), tables, lens),
+        "16-byte aligned": (out, torch.empty(query.numel() + 1, dtype=query.dtype, device="cuda")[1:].view_as(query),
+                            k_cache, v_cache, tables, lens),
+        "not supported": (torch.empty(2, 18, 128, device="cuda"), torch.zeros(2, 18, 128, device="cuda"),
+                          k_cache, v_cache, tables, lens),  # a group of 9
+    }
+    for message, args in cases.items():
+        with pytest.raises(RuntimeError, match=message):
+            op(*args, 1.0)
+    torch.cuda.synchronize()  # nothing faulted on the device
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_chunks_after_cached_context_read_the_cache_through_the_decode_kernel_on_cuda(dtype):
+    """Budget forcing's Wait and forced-end chunks: no gather, the same result as the reference."""
+    query, _, _, k_cache, v_cache, meta = random_prefill_batch([9, 40, 2000, 3], [3, 1, 12, 3], 8, 2, 128, 16, 5, dtype)
+    for name in ("cu_seqlens_q", "cu_seqlens_k", "block_tables"):
+        setattr(meta, name, getattr(meta, name).cuda())
+    query, k_cache, v_cache = query.cuda(), k_cache.cuda(), v_cache.cuda()
+    assert through_decode_kernel("cuda", meta)
+    got = paged_attention_prefill(query, None, None, k_cache, v_cache, meta, 128**-0.5)
+    want = paged_attention_prefill_reference(query.double(), k_cache.double(), v_cache.double(), meta, 128**-0.5)
+    assert relative_error(got, want) < TOLERANCE[dtype]
 
 
 def cuda_prefill_batch(dtype, block_size, seed):

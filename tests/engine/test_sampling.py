@@ -118,3 +118,23 @@ def test_out_of_range_sampling_values_name_their_field(field, value):
     with pytest.raises(InvalidSamplingParamError) as info:
         SamplingParams(**{field: value})
     assert info.value.field == field
+
+
+def test_draws_follow_the_filtered_distribution_and_never_pick_a_filtered_token():
+    """Inverse-CDF draws over 4,000 seeds: frequencies within 3 standard errors of the
+    probabilities, and top-k / top-p never pick outside the kept tokens."""
+    from server.engine.sampler import Sampler
+    from server.engine.sequence import Sequence
+
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03] + [0.0] * 11)
+    logits = probs.clamp_min(1e-30).log()[None, :]
+    sampler, trials = Sampler(), 4000
+
+    def draws(**params) -> torch.Tensor:
+        seqs = [Sequence("r", [1], SamplingParams(temperature=1.0, **params), seed=s) for s in range(trials)]
+        return torch.tensor([t for t, _ in sampler(logits.expand(trials, -1).clone(), seqs)])
+
+    counts = torch.bincount(draws(), minlength=16).float() / trials
+    assert (counts - probs).abs().max() < 3 * (probs * (1 - probs) / trials).sqrt().max()
+    assert set(draws(top_k=2).tolist()) == {0, 1}
+    assert set(draws(top_p=0.8).tolist()) <= {0, 1, 2}  # 0.5 + 0.25 < 0.8: the third token stays
