@@ -13,6 +13,7 @@ forcing inserts; SDPA gathers the context and masks). The engine's CPU prefill u
 
     python bench/kernels.py                         # SmolLM2-135M's attention shape
     python bench/kernels.py --num-seqs 64 --context 512 --heads 9 --kv-heads 3 --head-dim 64
+    python bench/kernels.py --num-seqs 1 --context 32768 --only decode  # one long thought: split context
 """
 
 import argparse
@@ -54,8 +55,13 @@ def main() -> None:
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--prefill-seqs", type=int, default=8, help="sequences per prefill batch")
     parser.add_argument("--chunk", type=int, default=8, help="query tokens per chunk after a cached context")
+    parser.add_argument("--only", choices=["decode", "prefill"], help="run one of the two")
     args = parser.parse_args()
-    result = {"shape": vars(args), "decode": bench_decode(args), "prefill": bench_prefill(args)}
+    result = {"shape": vars(args)}
+    if args.only != "prefill":
+        result["decode"] = bench_decode(args)
+    if args.only != "decode":
+        result["prefill"] = bench_prefill(args)
     save("kernels", result, args.out_dir)
 
 

@@ -70,6 +70,32 @@ def case(batch: int, context: int) -> dict:
     return row
 
 
+def forced_end_chunk(context: int = 32768, chunk: int = 8) -> dict:
+    """Budget forcing's forced end: an 8-token chunk after a 32k context, per layer. The engine's
+    path (each query row through the decode kernel, reading the cache in place) against the
+    gather of the whole context that flash-attn / SDPA need."""
+    from server.models.paged_attention import (PrefillMetadata, gather_context, paged_attention_prefill,
+                                               paged_attention_prefill_reference, prefill_sdpa, through_decode_kernel)
+
+    blocks = context // BLOCK
+    k_cache = torch.randn(blocks + 1, BLOCK, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    v_cache = torch.randn_like(k_cache)
+    table = (torch.randperm(blocks, device="cuda") + 1).tolist()
+    meta = PrefillMetadata.build([chunk], [context], [table], torch.device("cuda"))
+    query = torch.randn(chunk, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    scale = HEAD_DIM**-0.5
+    assert through_decode_kernel("cuda", meta)
+    keys, values = gather_context(k_cache, v_cache, meta)
+    new_k, new_v = keys[-chunk:], values[-chunk:]
+    ours = paged_attention_prefill(query, new_k, new_v, k_cache, v_cache, meta, scale)
+    want = paged_attention_prefill_reference(query.float(), k_cache.float(), v_cache.float(), meta, scale)
+    row = {"context": context, "chunk": chunk, "max_abs_err": float((ours.float() - want).abs().max()),
+           "decode_kernel_s": timed(lambda: paged_attention_prefill(query, new_k, new_v, k_cache, v_cache, meta, scale)),
+           "gather_s": timed(lambda: gather_context(k_cache, v_cache, meta)),
+           "gather_and_sdpa_s": timed(lambda: prefill_sdpa(query, new_k, new_v, k_cache, v_cache, meta, scale))}
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -81,6 +107,8 @@ def main() -> None:
         row["csrc_share_of_copy_bandwidth"] = row["csrc_gbps"] / result["hbm_copy_gbps"]
         result["cases"].append(row)
         print(json.dumps(row), flush=True)
+    result["forced_end_chunk"] = forced_end_chunk()
+    print(json.dumps(result["forced_end_chunk"]), flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

@@ -23,6 +23,14 @@ namespace {
 struct Shape {
   int64_t num_heads, head_dim, block_size, num_kv_heads, group, max_blocks, slot_stride, block_stride;
   int64_t slices, kv_per_slice;  // kv heads are split into `slices` tasks per sequence
+  int64_t partitions, blocks_per_partition;  // and the context into `partitions`, merged at the end
+};
+
+// Where a task's result goes: straight to `out` (one partition), or normalized to `partial`
+// (heads x head_dim floats) with its running max and sum in `stats` (2 x heads) for the merge.
+struct Sink {
+  float* partial;
+  float* stats;
 };
 
 // One sequence, kv heads [kv_begin, kv_end) and the query heads they serve. Taking all kv heads
@@ -31,10 +39,11 @@ struct Shape {
 // several times slower here). q/acc are scratch of num_heads*head_dim/8 vectors, scores of
 // num_heads*block_size floats, running of 2*num_heads floats.
 template <typename scalar_t>
-S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_t kv_end, const scalar_t* q_ptr,
-                           const scalar_t* k_ptr, const scalar_t* v_ptr, scalar_t* out_ptr, const int64_t* table,
-                           int64_t ctx, float scale, vec8* __restrict q, vec8* __restrict acc,
-                           float* __restrict scores, float* __restrict running) {
+S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_t kv_end, int64_t block_begin,
+                           int64_t block_end, const scalar_t* q_ptr, const scalar_t* k_ptr, const scalar_t* v_ptr,
+                           scalar_t* out_ptr, Sink sink, const int64_t* table, int64_t ctx, float scale,
+                           vec8* __restrict q, vec8* __restrict acc, float* __restrict scores,
+                           float* __restrict running) {
   const int64_t chunks = s.head_dim / 8, head0 = kv_begin * s.group, heads = (kv_end - kv_begin) * s.group;
   const int64_t bs = s.block_size;
   for (int64_t h = 0; h < heads; ++h) {
@@ -47,8 +56,8 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
   std::fill(running_max, running_max + heads, -std::numeric_limits<float>::infinity());
   std::fill(running_sum, running_sum + heads, 0.0f);
 
-  const int64_t num_blocks = (ctx + bs - 1) / bs;
-  for (int64_t b = 0; b < num_blocks; ++b) {
+  const int64_t num_blocks = std::min((ctx + bs - 1) / bs, block_end);
+  for (int64_t b = block_begin; b < num_blocks; ++b) {
     const int64_t n = std::min(bs, ctx - b * bs);
     const int64_t base = table[b] * s.block_stride + kv_begin * s.head_dim;
     for (int64_t h = 0; h < heads; ++h) {
@@ -97,22 +106,63 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
     }
   }
   for (int64_t h = 0; h < heads; ++h) {
-    const float inv = 1.0f / running_sum[h];
+    const float inv = running_sum[h] > 0 ? 1.0f / running_sum[h] : 0.0f;  // 0: a partition past the context
+    if (sink.partial != nullptr) {
+      for (int64_t c = 0; c < chunks; ++c) store8(sink.partial + h * s.head_dim + 8 * c, acc[h * chunks + c] * inv);
+      sink.stats[h] = running_max[h];
+      sink.stats[heads + h] = running_sum[h];
+      continue;
+    }
     scalar_t* dst = out_ptr + (seq * s.num_heads + head0 + h) * s.head_dim;
     for (int64_t c = 0; c < chunks; ++c)
       for (int i = 0; i < 8; ++i) dst[8 * c + i] = static_cast<scalar_t>(acc[h * chunks + c][i] * inv);
   }
 }
 
-// A task is (sequence, slice of kv heads); slices are whole sequences unless there are too few
-// sequences to keep every thread busy.
+// Combines a (sequence, kv slice)'s partitions, each weighted by its sum x exp(its max - the
+// max). `tasks` holds the partitions' Sink blocks back to back: heads x head_dim outputs, then
+// heads maxima and heads sums.
+template <typename scalar_t>
+void merge_partitions(const Shape& s, int64_t seq, int64_t kv_begin, const float* tasks, scalar_t* out_ptr) {
+  const int64_t heads = s.kv_per_slice * s.group, head0 = kv_begin * s.group;
+  const int64_t task_size = heads * (s.head_dim + 2), stats = heads * s.head_dim;
+  std::vector<float> merged(s.head_dim);
+  for (int64_t h = 0; h < heads; ++h) {
+    float max_score = -std::numeric_limits<float>::infinity();
+    for (int64_t p = 0; p < s.partitions; ++p) {
+      const float* t = tasks + p * task_size + stats;
+      if (t[heads + h] > 0) max_score = std::max(max_score, t[h]);
+    }
+    std::fill(merged.begin(), merged.end(), 0.0f);
+    float total = 0.0f;
+    for (int64_t p = 0; p < s.partitions; ++p) {
+      const float* t = tasks + p * task_size;
+      const float sum = t[stats + heads + h];
+      if (sum == 0) continue;  // a partition past this sequence's context
+      const float w = sum * exp_nonpositive(t[stats + h] - max_score);
+      total += w;
+      for (int64_t d = 0; d < s.head_dim; ++d) merged[d] += w * t[h * s.head_dim + d];
+    }
+    scalar_t* dst = out_ptr + (seq * s.num_heads + head0 + h) * s.head_dim;
+    for (int64_t d = 0; d < s.head_dim; ++d) dst[d] = static_cast<scalar_t>(merged[d] / total);
+  }
+}
+
+// A task is (sequence, slice of kv heads, partition of the context); see decode() for the split.
 #define S1_DEFINE_TASK_RANGE(T)                                                                                   \
   S1_MULTIVERSION void task_range(const Shape& s, int64_t begin, int64_t end, const T* q_ptr, const T* k_ptr,    \
-                                  const T* v_ptr, T* out_ptr, const int64_t* tables, const int64_t* lens,         \
-                                  float scale, vec8* q, vec8* acc, float* scores, float* running) {               \
+                                  const T* v_ptr, T* out_ptr, float* partial, const int64_t* tables,             \
+                                  const int64_t* lens, float scale, vec8* q, vec8* acc, float* scores,           \
+                                  float* running) {                                                               \
+    const int64_t heads = s.kv_per_slice * s.group;                                                               \
     for (int64_t task = begin; task < end; ++task) {                                                              \
-      const int64_t seq = task / s.slices, kv_begin = task % s.slices * s.kv_per_slice;                           \
-      decode_task<T>(s, seq, kv_begin, kv_begin + s.kv_per_slice, q_ptr, k_ptr, v_ptr, out_ptr,                   \
+      const int64_t part = task % s.partitions, seq = task / s.partitions / s.slices;                             \
+      const int64_t kv_begin = task / s.partitions % s.slices * s.kv_per_slice;                                   \
+      const Sink sink = partial == nullptr ? Sink{nullptr, nullptr}                                               \
+                                           : Sink{partial + task * heads * (s.head_dim + 2),                      \
+                                                  partial + task * heads * (s.head_dim + 2) + heads * s.head_dim}; \
+      decode_task<T>(s, seq, kv_begin, kv_begin + s.kv_per_slice, part * s.blocks_per_partition,                 \
+                     (part + 1) * s.blocks_per_partition, q_ptr, k_ptr, v_ptr, out_ptr, sink,                     \
                      tables + seq * s.max_blocks, lens[seq], scale, q, acc, scores, running);                     \
     }                                                                                                             \
   }
@@ -135,10 +185,26 @@ void decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
   s.max_blocks = block_tables.size(1);
   s.slot_stride = s.num_kv_heads * s.head_dim;  // between consecutive tokens of a block
   s.block_stride = s.block_size * s.slot_stride;
-  const int64_t num_seqs = query.size(0);
-  s.slices = num_seqs >= 4 * at::get_num_threads() ? 1 : s.num_kv_heads;
+  const int64_t num_seqs = query.size(0), want_tasks = 4 * at::get_num_threads();
+  // Enough sequences: one task each. Few sequences with long contexts (the s1 regime: one
+  // stream, thousands of thinking tokens): whole K/V rows, the context split into partitions of
+  // at least kMinPartitionTokens, merged after. Few and short: a task per kv head.
+  constexpr int64_t kMinPartitionTokens = 256;
+  const int64_t min_partition_blocks = (kMinPartitionTokens + s.block_size - 1) / s.block_size;
+  s.slices = 1;
+  s.partitions = 1;
+  if (num_seqs < want_tasks) {
+    const int64_t partitions = std::min((want_tasks + num_seqs - 1) / num_seqs, s.max_blocks / min_partition_blocks);
+    if (partitions >= 2)
+      s.partitions = partitions;
+    else
+      s.slices = s.num_kv_heads;
+  }
   s.kv_per_slice = s.num_kv_heads / s.slices;
-  const int64_t num_tasks = num_seqs * s.slices;
+  s.blocks_per_partition = (s.max_blocks + s.partitions - 1) / s.partitions;
+  const int64_t num_tasks = num_seqs * s.slices * s.partitions;
+  const int64_t task_heads = s.kv_per_slice * s.group;
+  std::vector<float> partial(s.partitions > 1 ? num_tasks * task_heads * (s.head_dim + 2) : 0);
 
   const scalar_t* q_ptr = query.data_ptr<scalar_t>();
   const scalar_t* k_ptr = k_cache.data_ptr<scalar_t>();
@@ -150,8 +216,14 @@ void decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
     const int64_t heads = s.kv_per_slice * s.group;
     std::vector<vec8> q(heads * s.head_dim / 8), acc(heads * s.head_dim / 8);
     std::vector<float> scores(heads * s.block_size), running(2 * heads);
-    task_range(s, begin, end, q_ptr, k_ptr, v_ptr, out_ptr, tables, lens, static_cast<float>(scale), q.data(),
-               acc.data(), scores.data(), running.data());
+    task_range(s, begin, end, q_ptr, k_ptr, v_ptr, out_ptr, partial.empty() ? nullptr : partial.data(), tables, lens,
+               static_cast<float>(scale), q.data(), acc.data(), scores.data(), running.data());
+  });
+  if (partial.empty()) return;
+  at::parallel_for(0, num_seqs * s.slices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      merge_partitions<scalar_t>(s, i / s.slices, i % s.slices * s.kv_per_slice,
+                                 partial.data() + i * s.partitions * task_heads * (s.head_dim + 2), out_ptr);
   });
 }
 

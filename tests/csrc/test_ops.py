@@ -109,6 +109,20 @@ def test_decode_matches_reference_for_every_batch_size(num_seqs):
     assert relative_error(paged_attention_decode(*batch, 0.125), paged_attention_decode_reference(*batch, 0.125)) < 1e-5
 
 
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("lens", [[5000], [3000, 2], [1500, 700, 9]])
+def test_few_long_sequences_split_their_context_and_merge_to_the_reference(block_size, lens):
+    """Fewer sequences than 4 tasks per thread and contexts of 512+ tokens: each context is split
+    into partitions computed apart and merged; a sequence shorter than the longest leaves some
+    of its partitions empty."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    batch = random_paged_batch(lens, 9, 3, 64, block_size, seed)
+    assert relative_error(paged_attention_decode(*batch, 0.125), paged_attention_decode_reference(*batch, 0.125)) < 1e-5, seed
+    bf16 = [t.bfloat16() if t.is_floating_point() else t for t in batch]
+    want = paged_attention_decode_reference(*(t.float() if t.is_floating_point() else t for t in bf16), 0.125)
+    assert relative_error(paged_attention_decode(*bf16, 0.125).float(), want) < 1e-2, seed
+
+
 def test_decode_is_stable_at_32k_context_with_peaked_scores():
     """Online softmax over 2048 blocks: large logits must neither overflow nor lose precision."""
     batch = random_paged_batch([32768, 5], 4, 2, 64, 16, seed=1)
