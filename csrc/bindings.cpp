@@ -3,6 +3,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/isa.h"
+
 TORCH_LIBRARY(s1serve, m) {
   m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def(
@@ -11,6 +15,13 @@ TORCH_LIBRARY(s1serve, m) {
   m.def(
       "paged_attention_prefill(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, "
       "Tensor block_tables, Tensor cu_seqlens_q, Tensor cu_seqlens_k, float scale) -> ()");
+  // The decoder's fused element-wise ops (CPU): residual add + RMSNorm, SiLU * up, RoPE in place.
+  m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
+  m.def("fused_add_rms_norm(Tensor(a!) out, Tensor(b!) residual, Tensor x, Tensor weight, float eps) -> ()");
+  m.def("silu_and_mul(Tensor(a!) out, Tensor gate_up) -> ()");
+  m.def("rotary_embedding(Tensor(a!) query, Tensor(b!) key, Tensor cos, Tensor sin) -> ()");
+  // Which vector ISA the CPU kernels run (avx512 | avx2 | baseline; $S1SERVE_CPU_ISA can lower it).
+  m.def("cpu_isa() -> str", [] { return std::string(s1serve::isa_name(s1serve::cpu_isa())); });
 }
 
 // Importing `server._C` loads this library, which registers the ops above with torch.

@@ -3,7 +3,8 @@
 // pure-torch reference memory-bound). One task per (sequence, kv head) serves the whole GQA
 // group of query heads that share that kv head, so each K/V row is read once per step, and the
 // softmax is computed online block by block (flash-decoding style), so no buffer grows with the
-// context. The task body is compiled twice (AVX2+FMA and baseline x86-64) and picked at load time.
+// context. The task body is compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at
+// load time (isa.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -13,8 +14,10 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "isa.h"
 #include "vec.h"
 
 namespace s1serve {
@@ -43,8 +46,9 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
                            int64_t block_end, const scalar_t* q_ptr, const scalar_t* k_ptr, const scalar_t* v_ptr,
                            scalar_t* out_ptr, Sink sink, const int64_t* table, int64_t ctx, float scale,
                            vec8* __restrict q, vec8* __restrict acc, float* __restrict scores,
-                           float* __restrict running) {
+                           float* __restrict running, float* __restrict kv_f32) {
   const int64_t chunks = s.head_dim / 8, head0 = kv_begin * s.group, heads = (kv_end - kv_begin) * s.group;
+  const int64_t width = (kv_end - kv_begin) * s.head_dim;  // one token's K (or V) row for these kv heads
   const int64_t bs = s.block_size;
   for (int64_t h = 0; h < heads; ++h) {
     const scalar_t* src = q_ptr + (seq * s.num_heads + head0 + h) * s.head_dim;
@@ -60,8 +64,27 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
   for (int64_t b = block_begin; b < num_blocks; ++b) {
     const int64_t n = std::min(bs, ctx - b * bs);
     const int64_t base = table[b] * s.block_stride + kv_begin * s.head_dim;
+    // fp32 caches are read in place; others are widened once per block into kv_f32 (2 x bs x
+    // width), not once per query head of the group (the conversion, not memory, bounded bf16).
+    const float* k_rows;
+    const float* v_rows;
+    int64_t row_stride;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      k_rows = k_ptr + base;
+      v_rows = v_ptr + base;
+      row_stride = s.slot_stride;
+    } else {
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t e = 0; e < width; e += 8) {
+          store8(kv_f32 + t * width + e, load8(k_ptr + base + t * s.slot_stride + e));
+          store8(kv_f32 + (bs + t) * width + e, load8(v_ptr + base + t * s.slot_stride + e));
+        }
+      k_rows = kv_f32;
+      v_rows = kv_f32 + bs * width;
+      row_stride = width;
+    }
     for (int64_t h = 0; h < heads; ++h) {
-      const scalar_t* k_head = k_ptr + base + (h / s.group) * s.head_dim;
+      const float* k_head = k_rows + (h / s.group) * s.head_dim;
       const vec8* qh = q + h * chunks;
       float* sc = scores + h * bs;
       int64_t t = 0;
@@ -69,13 +92,13 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
         vec8 part[8] = {};
         for (int64_t c = 0; c < chunks; ++c) {
           const vec8 qc = qh[c];
-          for (int j = 0; j < 8; ++j) part[j] += load8(k_head + (t + j) * s.slot_stride + 8 * c) * qc;
+          for (int j = 0; j < 8; ++j) part[j] += load8(k_head + (t + j) * row_stride + 8 * c) * qc;
         }
         store8(sc + t, hsum8x8(part));
       }
       for (; t < n; ++t) {
         vec8 sum{};
-        for (int64_t c = 0; c < chunks; ++c) sum += load8(k_head + t * s.slot_stride + 8 * c) * qh[c];
+        for (int64_t c = 0; c < chunks; ++c) sum += load8(k_head + t * row_stride + 8 * c) * qh[c];
         sc[t] = hsum(sum);
       }
     }
@@ -101,8 +124,8 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
       for (int64_t t = whole; t < n; ++t) sum += (sc[t] = exp_nonpositive(sc[t] - new_max));
       running_sum[h] = running_sum[h] * correction + sum;
       running_max[h] = new_max;
-      accumulate_pv_row(acc + h * chunks, chunks, correction, sc, 1, v_ptr + base + (h / s.group) * s.head_dim, n,
-                        s.slot_stride);
+      accumulate_pv_row(acc + h * chunks, chunks, correction, sc, 1, v_rows + (h / s.group) * s.head_dim, n,
+                        row_stride);
     }
   }
   for (int64_t h = 0; h < heads; ++h) {
@@ -150,23 +173,25 @@ void merge_partitions(const Shape& s, int64_t seq, int64_t kv_begin, const float
 
 // A task is (sequence, slice of kv heads, partition of the context); see decode() for the split.
 #define S1_DEFINE_TASK_RANGE(T)                                                                                   \
-  S1_MULTIVERSION void task_range(const Shape& s, int64_t begin, int64_t end, const T* q_ptr, const T* k_ptr,    \
-                                  const T* v_ptr, T* out_ptr, float* partial, const int64_t* tables,             \
-                                  const int64_t* lens, float scale, vec8* q, vec8* acc, float* scores,           \
-                                  float* running) {                                                               \
-    const int64_t heads = s.kv_per_slice * s.group;                                                               \
-    for (int64_t task = begin; task < end; ++task) {                                                              \
-      const int64_t part = task % s.partitions, seq = task / s.partitions / s.slices;                             \
-      const int64_t kv_begin = task / s.partitions % s.slices * s.kv_per_slice;                                   \
-      const Sink sink = partial == nullptr ? Sink{nullptr, nullptr}                                               \
-                                           : Sink{partial + task * heads * (s.head_dim + 2),                      \
-                                                  partial + task * heads * (s.head_dim + 2) + heads * s.head_dim}; \
-      decode_task<T>(s, seq, kv_begin, kv_begin + s.kv_per_slice, part * s.blocks_per_partition,                 \
-                     (part + 1) * s.blocks_per_partition, q_ptr, k_ptr, v_ptr, out_ptr, sink,                     \
-                     tables + seq * s.max_blocks, lens[seq], scale, q, acc, scores, running);                     \
-    }                                                                                                             \
-  }
-// One overload per dtype, each cloned per target (target_clones does not apply to templates).
+  S1_ISA_VARIANTS(                                                                                                \
+      task_range,                                                                                                 \
+      (const Shape& s, int64_t begin, int64_t end, const T* q_ptr, const T* k_ptr, const T* v_ptr, T* out_ptr,    \
+       float* partial, const int64_t* tables, const int64_t* lens, float scale, vec8* q, vec8* acc, float* scores, \
+       float* running, float* kv_f32),                                                                            \
+      (s, begin, end, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, scores, running, kv_f32), \
+      const int64_t heads = s.kv_per_slice * s.group;                                                             \
+      for (int64_t task = begin; task < end; ++task) {                                                            \
+        const int64_t part = task % s.partitions, seq = task / s.partitions / s.slices;                           \
+        const int64_t kv_begin = task / s.partitions % s.slices * s.kv_per_slice;                                 \
+        const Sink sink = partial == nullptr                                                                      \
+                              ? Sink{nullptr, nullptr}                                                            \
+                              : Sink{partial + task * heads * (s.head_dim + 2),                                   \
+                                     partial + task * heads * (s.head_dim + 2) + heads * s.head_dim};             \
+        decode_task<T>(s, seq, kv_begin, kv_begin + s.kv_per_slice, part * s.blocks_per_partition,               \
+                       (part + 1) * s.blocks_per_partition, q_ptr, k_ptr, v_ptr, out_ptr, sink,                   \
+                       tables + seq * s.max_blocks, lens[seq], scale, q, acc, scores, running, kv_f32);           \
+      })
+// One overload per dtype, each compiled per ISA (isa.h).
 S1_DEFINE_TASK_RANGE(float)
 S1_DEFINE_TASK_RANGE(double)
 S1_DEFINE_TASK_RANGE(at::BFloat16)
@@ -216,8 +241,9 @@ void decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
     const int64_t heads = s.kv_per_slice * s.group;
     std::vector<vec8> q(heads * s.head_dim / 8), acc(heads * s.head_dim / 8);
     std::vector<float> scores(heads * s.block_size), running(2 * heads);
+    std::vector<float> kv_f32(std::is_same_v<scalar_t, float> ? 0 : 2 * s.block_size * s.kv_per_slice * s.head_dim);
     task_range(s, begin, end, q_ptr, k_ptr, v_ptr, out_ptr, partial.empty() ? nullptr : partial.data(), tables, lens,
-               static_cast<float>(scale), q.data(), acc.data(), scores.data(), running.data());
+               static_cast<float>(scale), q.data(), acc.data(), scores.data(), running.data(), kv_f32.data());
   });
   if (partial.empty()) return;
   at::parallel_for(0, num_seqs * s.slices, 1, [&](int64_t begin, int64_t end) {

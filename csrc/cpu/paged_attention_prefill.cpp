@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "isa.h"
 #include "vec.h"
 
 namespace s1serve {
@@ -129,19 +130,20 @@ struct Task {
 // Tasks are dealt round-robin to threads: later tiles see more keys, so contiguous ranges of
 // tasks would leave one thread with most of the work.
 #define S1_DEFINE_PREFILL_TASKS(T)                                                                                \
-  S1_MULTIVERSION void prefill_tasks(const PrefillShape& s, const std::vector<Task>& tasks, int64_t first,       \
-                                     int64_t stride, const T* q_ptr, const T* k_ptr, const T* v_ptr, T* out_ptr,  \
-                                     const int64_t* tables, const int32_t* cu_q, const int32_t* cu_k,            \
-                                     float scale, Scratch& w) {                                                   \
-    for (int64_t i = first; i < static_cast<int64_t>(tasks.size()); i += stride) {                               \
-      const Task& task = tasks[i];                                                                                \
-      const int64_t q_begin = cu_q[task.seq];                                                                     \
-      prefill_task<T>(s, q_ptr + q_begin * s.num_heads * s.head_dim, k_ptr, v_ptr,                                \
-                      out_ptr + q_begin * s.num_heads * s.head_dim, tables + task.seq * s.max_blocks,             \
-                      cu_q[task.seq + 1] - q_begin, cu_k[task.seq + 1] - cu_k[task.seq], task.row0, task.kv,      \
-                      scale, w);                                                                                  \
-    }                                                                                                             \
-  }
+  S1_ISA_VARIANTS(                                                                                                \
+      prefill_tasks,                                                                                              \
+      (const PrefillShape& s, const std::vector<Task>& tasks, int64_t first, int64_t stride, const T* q_ptr,      \
+       const T* k_ptr, const T* v_ptr, T* out_ptr, const int64_t* tables, const int32_t* cu_q, const int32_t* cu_k, \
+       float scale, Scratch& w),                                                                                  \
+      (s, tasks, first, stride, q_ptr, k_ptr, v_ptr, out_ptr, tables, cu_q, cu_k, scale, w),                      \
+      for (int64_t i = first; i < static_cast<int64_t>(tasks.size()); i += stride) {                             \
+        const Task& task = tasks[i];                                                                              \
+        const int64_t q_begin = cu_q[task.seq];                                                                   \
+        prefill_task<T>(s, q_ptr + q_begin * s.num_heads * s.head_dim, k_ptr, v_ptr,                              \
+                        out_ptr + q_begin * s.num_heads * s.head_dim, tables + task.seq * s.max_blocks,           \
+                        cu_q[task.seq + 1] - q_begin, cu_k[task.seq + 1] - cu_k[task.seq], task.row0, task.kv,    \
+                        scale, w);                                                                                \
+      })
 S1_DEFINE_PREFILL_TASKS(float)
 S1_DEFINE_PREFILL_TASKS(double)
 S1_DEFINE_PREFILL_TASKS(at::BFloat16)

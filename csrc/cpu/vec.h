@@ -1,5 +1,5 @@
-// Vector helpers shared by the CPU attention kernels: eight floats as one GCC vector (AVX
-// registers in the x86-64-v3 clone of a kernel, SSE pairs in the baseline), loads that convert
+// Vector helpers shared by the CPU kernels: eight floats as one GCC vector (AVX registers in a
+// kernel's AVX2 and AVX-512 builds, SSE pairs in the baseline; see isa.h), loads that convert
 // any storage type to fp32, and a branch-free exp for the online softmax.
 #pragma once
 
@@ -8,16 +8,13 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define S1_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define S1_MULTIVERSION
-#endif
+#include <c10/util/BFloat16.h>
+
 #define S1_INLINE inline __attribute__((always_inline))
 
 namespace s1serve {
 
-// Eight floats as one GCC vector: AVX registers in the x86-64-v3 clone, SSE pairs in the baseline.
+// Eight floats as one GCC vector: AVX registers in the AVX2 / AVX-512 builds, SSE pairs in the baseline.
 typedef float vec8 __attribute__((vector_size(32), aligned(4)));  // scratch may be unaligned
 
 S1_INLINE vec8 load8(const float* p) {
@@ -25,10 +22,20 @@ S1_INLINE vec8 load8(const float* p) {
   std::memcpy(&r, p, sizeof(r));
   return r;
 }
-template <typename other_t>  // fp64 / bf16 / fp16: convert to fp32, accumulate in fp32
+template <typename other_t>  // fp64 / fp16: convert to fp32, accumulate in fp32
 S1_INLINE vec8 load8(const other_t* p) {
   vec8 r;
   for (int i = 0; i < 8; ++i) r[i] = static_cast<float>(p[i]);
+  return r;
+}
+typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t u32x8 __attribute__((vector_size(32), aligned(4)));
+S1_INLINE vec8 load8(const c10::BFloat16* p) {  // bf16 is the top half of an fp32: widen and shift
+  u16x8 h;
+  std::memcpy(&h, p, sizeof(h));
+  const u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+  vec8 r;
+  std::memcpy(&r, &w, sizeof(r));
   return r;
 }
 

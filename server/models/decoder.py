@@ -5,6 +5,8 @@ fused into one matmul each (fewer, larger GEMMs), and attention reads K/V from t
 The token batch is flat: (num_tokens, hidden) with explicit positions, no padding.
 """
 
+import functools
+
 import torch
 from torch import nn
 
@@ -13,13 +15,39 @@ from .config import ModelConfig
 from .parallel import Shard
 
 
+@functools.cache
+def _has_fused_ops(device_type: str) -> bool:
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"s1serve::{op}", device_type.upper())
+               for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding"))
+
+
+def fused(x: torch.Tensor) -> bool:
+    """Whether csrc's fused element-wise ops (csrc/cpu/fused_ops.cpp) take this tensor: the CPU,
+    fp32 or bf16. Elsewhere the torch code below runs; both round where transformers rounds."""
+    return x.dtype in (torch.float32, torch.bfloat16) and _has_fused_ops(x.device.type)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`, vLLM's fused form: residual += x, then (norm(residual), residual)."""
+        if x.dim() == 2 and x.stride(1) == 1 and fused(x):
+            out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            if residual is None:
+                torch.ops.s1serve.rms_norm(out, x, self.weight, self.eps)
+                return out
+            torch.ops.s1serve.fused_add_rms_norm(out, residual, x, self.weight, self.eps)
+            return out, residual
+        if residual is not None:
+            residual = x + residual
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 like the reference implementation, then cast back.
         dtype = x.dtype
         x = x.float()
@@ -45,8 +73,12 @@ class RotaryEmbedding(nn.Module):
 
     @staticmethod
     def apply(cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
-        """q: (num_tokens, num_heads, head_dim), k: (num_tokens, num_kv_heads, head_dim)."""
+        """q: (num_tokens, num_heads, head_dim), k: (num_tokens, num_kv_heads, head_dim); on the
+        fused path rotated in place (they are views of this layer's own qkv output)."""
         cos, sin = cos_sin
+        if fused(q):
+            torch.ops.s1serve.rotary_embedding(q, k, cos, sin)
+            return q, k
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -103,8 +135,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(self.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.shard.all_reduce(self.down_proj(nn.functional.silu(gate) * up))
+        gate_up = self.gate_up_proj(x)
+        if fused(gate_up):
+            act = torch.empty(gate_up.shape[0], self.intermediate_size, dtype=gate_up.dtype, device=gate_up.device)
+            torch.ops.s1serve.silu_and_mul(act, gate_up)
+        else:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            act = nn.functional.silu(gate) * up
+        return self.shard.all_reduce(self.down_proj(act))
 
 
 class DecoderLayer(nn.Module):
@@ -115,9 +153,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos_sin, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, k_cache, v_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos_sin, k_cache, v_cache, meta):
+        """Returns (this layer's output, the residual stream before it): the add is fused into
+        the next norm, so the stream is x + residual (residual None: x alone, the first layer)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos_sin, k_cache, v_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -148,9 +193,10 @@ class CausalLM(nn.Module):
         """
         x = self.model.embed_tokens(input_ids)
         cos_sin = self.rope.tables(positions, x.dtype)
+        residual = None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos_sin, kv_cache[0, i], kv_cache[1, i], meta)
-        return x
+            x, residual = layer(x, residual, cos_sin, kv_cache[0, i], kv_cache[1, i], meta)
+        return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(hidden))

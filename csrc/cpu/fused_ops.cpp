@@ -1,0 +1,298 @@
+// The decoder's small per-layer ops fused, one pass each over memory the step just wrote:
+// residual add + RMSNorm, SiLU(gate) * up, and rotary embedding in place on q and k. On the CPU
+// at batch 1 a layer's linears take ~0.4 ms and its ~30 element-wise torch ops add ~0.15 ms of
+// dispatch and memory passes; these replace them with three calls. Every intermediate is
+// rounded to the tensor's dtype where the torch reference (decoder.py) rounds it, so results
+// match it to within fp32 summation order. Each body is compiled for AVX-512, AVX2+FMA and the
+// baseline and picked by cpu_isa() (isa.h), which $S1SERVE_CPU_ISA can force for tests.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "isa.h"
+#include "vec.h"
+
+namespace s1serve {
+namespace {
+
+typedef float vec16 __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u32x16 __attribute__((vector_size(64), aligned(4)));
+
+S1_INLINE vec16 load16(const float* p) {
+  vec16 r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+S1_INLINE vec16 load16(const at::BFloat16* p) {  // bf16 is the top half of an fp32
+  u16x16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+  vec16 r;
+  std::memcpy(&r, &w, sizeof(r));
+  return r;
+}
+S1_INLINE void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+S1_INLINE void store16(at::BFloat16* p, vec16 v) {  // round to nearest even, as c10::BFloat16 does
+  u32x16 w;
+  std::memcpy(&w, &v, sizeof(w));
+  const u16x16 h = __builtin_convertvector((w + 0x7FFFu + ((w >> 16) & 1u)) >> 16, u16x16);
+  std::memcpy(p, &h, sizeof(h));
+}
+// fp32 leaves values as they are; bf16 rounds them like a bf16 torch op's result.
+S1_INLINE vec16 round16(vec16 v, const float*) { return v; }
+S1_INLINE vec16 round16(vec16 v, const at::BFloat16*) {
+  at::BFloat16 tmp[16];
+  store16(tmp, v);
+  return load16(tmp);
+}
+template <typename T>
+S1_INLINE float round1(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+S1_INLINE float hsum16(vec16 v) {
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// out[r] = norm(x'[r]) * weight with x' = x + residual (written back to residual) or x alone.
+template <typename T>
+S1_INLINE void rms_norm_rows(T* out, T* residual, const T* x, const T* weight, int64_t rows_begin,
+                             int64_t rows_end, int64_t dim, int64_t x_stride, float eps) {
+  const int64_t whole = dim / 16 * 16;
+  for (int64_t r = rows_begin; r < rows_end; ++r) {
+    const T* xr = x + r * x_stride;
+    T* res = residual == nullptr ? nullptr : residual + r * dim;
+    const T* src = xr;
+    vec16 sq{};
+    float tail = 0.0f;
+    if (res != nullptr) {  // residual = round(x + residual): the add HF does in the model's dtype
+      for (int64_t d = 0; d < whole; d += 16) {
+        const vec16 v = round16(load16(xr + d) + load16(res + d), xr);
+        store16(res + d, v);
+        sq += v * v;
+      }
+      for (int64_t d = whole; d < dim; ++d) {
+        const float v = round1<T>(static_cast<float>(xr[d]) + static_cast<float>(res[d]));
+        res[d] = static_cast<T>(v);
+        tail += v * v;
+      }
+      src = res;
+    } else {
+      for (int64_t d = 0; d < whole; d += 16) {
+        const vec16 v = load16(xr + d);
+        sq += v * v;
+      }
+      for (int64_t d = whole; d < dim; ++d) tail += static_cast<float>(xr[d]) * static_cast<float>(xr[d]);
+    }
+    const float inv = 1.0f / std::sqrt((hsum16(sq) + tail) / static_cast<float>(dim) + eps);
+    T* o = out + r * dim;
+    for (int64_t d = 0; d < whole; d += 16)
+      store16(o + d, round16(load16(src + d) * inv, src) * load16(weight + d));
+    for (int64_t d = whole; d < dim; ++d)
+      o[d] = static_cast<T>(round1<T>(static_cast<float>(src[d]) * inv) * static_cast<float>(weight[d]));
+  }
+}
+
+// silu(x) = x * sigmoid(x), with sigmoid from exp(-|x|) so the exp's argument is never positive.
+S1_INLINE float silu1(float x) {
+  const float e = exp_nonpositive(-std::fabs(x));
+  const float inv = 1.0f / (1.0f + e);
+  return x * (x >= 0 ? inv : e * inv);
+}
+
+typedef int32_t vec16i __attribute__((vector_size(64), aligned(4)));
+
+// silu1 on sixteen lanes: vec.h's exp polynomial, the same clamp, floor and 2^n scaling.
+S1_INLINE vec16 silu16(vec16 x) {
+  vec16 m;  // -|x| <= 0, clamped at -87 like exp_nonpositive
+  for (int i = 0; i < 16; ++i) m[i] = std::max(-std::fabs(x[i]), -87.0f);
+  const vec16 y = m * 1.44269504088896341f + 0.5f;
+  vec16 n = __builtin_convertvector(__builtin_convertvector(y, vec16i), vec16);  // truncates toward zero
+  n += __builtin_convertvector(n > y, vec16);                                     // -1 where that rounded up: floor
+  const vec16i bits = (__builtin_convertvector(n, vec16i) + 127) << 23;
+  vec16 pow2n;
+  std::memcpy(&pow2n, &bits, sizeof(pow2n));
+  const vec16 e = exp_reduced(m, n) * pow2n;  // exp(-|x|)
+  const vec16 inv = 1.0f / (1.0f + e);
+  vec16 sigmoid;
+  for (int i = 0; i < 16; ++i) sigmoid[i] = x[i] >= 0 ? inv[i] : e[i] * inv[i];
+  return x * sigmoid;
+}
+
+// out[r] = round(round(silu(gate)) * up), gate_up[r] = [gate | up] of width 2 * dim.
+template <typename T>
+S1_INLINE void silu_and_mul_rows(T* out, const T* gate_up, int64_t rows_begin, int64_t rows_end, int64_t dim,
+                                 int64_t stride) {
+  for (int64_t r = rows_begin; r < rows_end; ++r) {
+    const T* g = gate_up + r * stride;
+    const T* u = g + dim;
+    T* o = out + r * dim;
+    int64_t d = 0;
+    for (; d + 16 <= dim; d += 16) store16(o + d, round16(round16(silu16(load16(g + d)), g) * load16(u + d), g));
+    for (; d < dim; ++d) o[d] = static_cast<T>(round1<T>(silu1(static_cast<float>(g[d]))) * static_cast<float>(u[d]));
+  }
+}
+
+// Rotate-half RoPE in place on one head row: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s], each
+// product rounded to T before the add (as `q * cos + rotate_half(q) * sin` does in T).
+template <typename T>
+S1_INLINE void rope_row(T* x, const T* cos, const T* sin, int64_t half) {
+  int64_t d = 0;
+  for (; d + 16 <= half; d += 16) {
+    const vec16 x1 = load16(x + d), x2 = load16(x + half + d);
+    const vec16 c1 = load16(cos + d), s1 = load16(sin + d), c2 = load16(cos + half + d), s2 = load16(sin + half + d);
+    store16(x + d, round16(x1 * c1, x) - round16(x2 * s1, x));
+    store16(x + half + d, round16(x2 * c2, x) + round16(x1 * s2, x));
+  }
+  for (; d < half; ++d) {
+    const float x1 = static_cast<float>(x[d]), x2 = static_cast<float>(x[half + d]);
+    x[d] = static_cast<T>(round1<T>(x1 * static_cast<float>(cos[d])) - round1<T>(x2 * static_cast<float>(sin[d])));
+    x[half + d] = static_cast<T>(round1<T>(x2 * static_cast<float>(cos[half + d])) +
+                                 round1<T>(x1 * static_cast<float>(sin[half + d])));
+  }
+}
+
+template <typename T>
+S1_INLINE void rope_tokens(T* q, T* k, const T* cos, const T* sin, int64_t begin, int64_t end, int64_t q_heads,
+                           int64_t k_heads, int64_t head_dim, int64_t q_stride, int64_t k_stride) {
+  for (int64_t t = begin; t < end; ++t) {
+    const T* c = cos + t * head_dim;
+    const T* s = sin + t * head_dim;
+    for (int64_t h = 0; h < q_heads; ++h) rope_row(q + t * q_stride + h * head_dim, c, s, head_dim / 2);
+    for (int64_t h = 0; h < k_heads; ++h) rope_row(k + t * k_stride + h * head_dim, c, s, head_dim / 2);
+  }
+}
+
+// One ISA-dispatched entry per kernel and dtype.
+#define S1_FUSED_KERNELS(T, SUFFIX)                                                                                \
+  S1_ISA_VARIANTS(rms_norm_##SUFFIX,                                                                               \
+                  (T * out, T * residual, const T* x, const T* weight, int64_t b, int64_t e, int64_t dim,          \
+                   int64_t x_stride, float eps),                                                                   \
+                  (out, residual, x, weight, b, e, dim, x_stride, eps),                                            \
+                  rms_norm_rows<T>(out, residual, x, weight, b, e, dim, x_stride, eps);)                           \
+  S1_ISA_VARIANTS(silu_and_mul_##SUFFIX, (T * out, const T* gate_up, int64_t b, int64_t e, int64_t dim, int64_t stride), \
+                  (out, gate_up, b, e, dim, stride), silu_and_mul_rows<T>(out, gate_up, b, e, dim, stride);)      \
+  S1_ISA_VARIANTS(rope_##SUFFIX,                                                                                   \
+                  (T * q, T * k, const T* cos, const T* sin, int64_t b, int64_t e, int64_t qh, int64_t kh,         \
+                   int64_t hd, int64_t qs, int64_t ks),                                                            \
+                  (q, k, cos, sin, b, e, qh, kh, hd, qs, ks), rope_tokens<T>(q, k, cos, sin, b, e, qh, kh, hd, qs, ks);)
+S1_FUSED_KERNELS(float, f32)
+S1_FUSED_KERNELS(at::BFloat16, bf16)
+
+template <typename T>
+struct Kernels;
+template <>
+struct Kernels<float> {
+  static constexpr auto rms_norm = rms_norm_f32;
+  static constexpr auto silu_and_mul = silu_and_mul_f32;
+  static constexpr auto rope = rope_f32;
+};
+template <>
+struct Kernels<at::BFloat16> {
+  static constexpr auto rms_norm = rms_norm_bf16;
+  static constexpr auto silu_and_mul = silu_and_mul_bf16;
+  static constexpr auto rope = rope_bf16;
+};
+
+constexpr int64_t kRowsPerTask = 16;  // rows of a few hundred elements: smaller tasks cost more than they save
+
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be (rows, dim) with dense rows");
+  TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16, name,
+              ": float32 or bfloat16 expected, got ", t.scalar_type());
+}
+
+#define S1_FLOAT_OR_BF16(dtype, ...)                 \
+  if ((dtype) == torch::kFloat) {                    \
+    using scalar_t = float;                          \
+    __VA_ARGS__();                                   \
+  } else {                                           \
+    using scalar_t = at::BFloat16;                   \
+    __VA_ARGS__();                                   \
+  }
+
+void rms_norm_impl(torch::Tensor& out, torch::Tensor* residual, const torch::Tensor& x, const torch::Tensor& weight,
+                   double eps) {
+  check_rows(x, "x");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.is_contiguous() && out.scalar_type() == x.scalar_type(),
+              "out must be a contiguous tensor shaped like x");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous() &&
+                  weight.scalar_type() == x.scalar_type(),
+              "weight must be (dim,) in x's dtype");
+  if (residual != nullptr)
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->is_contiguous() && residual->scalar_type() == x.scalar_type(),
+                "residual must be a contiguous tensor shaped like x");
+  S1_FLOAT_OR_BF16(x.scalar_type(), [&] {
+    scalar_t* res = residual == nullptr ? nullptr : residual->data_ptr<scalar_t>();
+    at::parallel_for(0, x.size(0), kRowsPerTask, [&](int64_t b, int64_t e) {
+      Kernels<scalar_t>::rms_norm(out.data_ptr<scalar_t>(), res, x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                                  b, e, x.size(1), x.stride(0), static_cast<float>(eps));
+    });
+  });
+}
+
+void rms_norm(torch::Tensor out, const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  rms_norm_impl(out, nullptr, x, weight, eps);
+}
+
+void fused_add_rms_norm(torch::Tensor out, torch::Tensor residual, const torch::Tensor& x, const torch::Tensor& weight,
+                        double eps) {
+  rms_norm_impl(out, &residual, x, weight, eps);
+}
+
+void silu_and_mul(torch::Tensor out, const torch::Tensor& gate_up) {
+  check_rows(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must hold gate and up side by side");
+  const int64_t dim = gate_up.size(1) / 2;
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == gate_up.size(0) && out.size(1) == dim && out.is_contiguous() &&
+                  out.scalar_type() == gate_up.scalar_type(),
+              "out must be a contiguous (rows, dim) tensor in gate_up's dtype");
+  S1_FLOAT_OR_BF16(gate_up.scalar_type(), [&] {
+    at::parallel_for(0, gate_up.size(0), kRowsPerTask, [&](int64_t b, int64_t e) {
+      Kernels<scalar_t>::silu_and_mul(out.data_ptr<scalar_t>(), gate_up.data_ptr<scalar_t>(), b, e, dim,
+                                      gate_up.stride(0));
+    });
+  });
+}
+
+void rotary_embedding(torch::Tensor query, torch::Tensor key, const torch::Tensor& cos, const torch::Tensor& sin) {
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && query.size(0) == key.size(0) && query.size(2) == key.size(2),
+              "query (tokens, heads, head_dim) and key (tokens, kv_heads, head_dim) expected");
+  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2) && key.stride(2) == 1 &&
+                  key.stride(1) == key.size(2),
+              "query/key heads must be dense within a token");
+  const int64_t head_dim = query.size(2);
+  TORCH_CHECK(head_dim % 2 == 0, "head_dim must be even");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.numel() == query.size(0) * head_dim && cos.is_contiguous() &&
+                  sin.is_contiguous(),
+              "cos/sin must be contiguous with head_dim values per token");
+  TORCH_CHECK(query.scalar_type() == key.scalar_type() && cos.scalar_type() == query.scalar_type() &&
+                  sin.scalar_type() == query.scalar_type(),
+              "query, key, cos and sin must share a dtype");
+  TORCH_CHECK(query.scalar_type() == torch::kFloat || query.scalar_type() == torch::kBFloat16,
+              "float32 or bfloat16 expected");
+  S1_FLOAT_OR_BF16(query.scalar_type(), [&] {
+    at::parallel_for(0, query.size(0), kRowsPerTask, [&](int64_t b, int64_t e) {
+      Kernels<scalar_t>::rope(query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(),
+                              sin.data_ptr<scalar_t>(), b, e, query.size(1), key.size(1), head_dim, query.stride(0),
+                              key.stride(0));
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(s1serve, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm);
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rotary_embedding", &rotary_embedding);
+}
+
+}  // namespace s1serve

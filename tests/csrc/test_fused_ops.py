@@ -1,0 +1,105 @@
+"""The fused element-wise CPU ops (csrc/cpu/fused_ops.cpp) against the decoder's torch code on
+fresh random inputs, and every CPU kernel on each vector ISA the machine has: the checks run
+again in a subprocess with $S1SERVE_CPU_ISA forcing AVX2 and the baseline (the ISA is fixed per
+process at the first kernel call)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import server._C  # noqa: F401  (registers torch.ops.s1serve)
+from server.models.decoder import RMSNorm, RotaryEmbedding, _rotate_half
+
+from .test_ops import relative_error
+
+DTYPES = [torch.float32, torch.bfloat16]
+# bf16 rounds where torch rounds, so results differ only by fp32 summation order (and an ulp of
+# bf16 where that order tips a rounding); fp32 by summation order alone.
+TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+
+
+def fresh_generator() -> tuple[torch.Generator, int]:
+    seed = int(torch.randint(0, 2**31, ()).item())
+    return torch.Generator().manual_seed(seed), seed
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [576, 64, 37])  # SmolLM2's hidden size, a head, and a ragged tail
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_rms_norm_and_its_residual_form_match_the_torch_code(dtype, dim, rows):
+    gen, seed = fresh_generator()
+    norm = RMSNorm(dim, 1e-5)
+    norm.weight.data = torch.randn(dim, generator=gen).to(dtype)
+    x = torch.randn(rows, dim, generator=gen).to(dtype) * 3
+    residual = torch.randn(rows, dim, generator=gen).to(dtype)
+    with torch.inference_mode():
+        assert relative_error(norm(x), norm._norm(x)) < TOLERANCE[dtype], seed
+        want_residual = x + residual
+        got, got_residual = norm(x, residual.clone())
+        assert torch.equal(got_residual, want_residual), seed  # the add is one rounding, like torch's
+        assert relative_error(got, norm._norm(want_residual)) < TOLERANCE[dtype], seed
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [1536, 40, 7])
+def test_silu_and_mul_matches_torch(dtype, dim):
+    gen, seed = fresh_generator()
+    gate_up = (torch.randn(9, 2 * dim, generator=gen) * 6).to(dtype)  # |x| up to ~25: both sigmoid branches
+    out = torch.empty(9, dim, dtype=dtype)
+    torch.ops.s1serve.silu_and_mul(out, gate_up)
+    gate, up = gate_up.split(dim, dim=-1)
+    assert relative_error(out, nn.functional.silu(gate) * up) < TOLERANCE[dtype], seed
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128, 20])
+def test_rotary_embedding_in_place_matches_rotate_half(dtype, head_dim):
+    gen, seed = fresh_generator()
+    rope = RotaryEmbedding(head_dim, 10000.0, 4096)
+    positions = torch.randint(0, 4096, (11,), generator=gen)
+    cos, sin = rope.tables(positions, dtype)
+    qkv = torch.randn(11, (9 + 2 * 3) * head_dim, generator=gen).to(dtype)  # q and k as views of one row, like qkv_proj
+    q = qkv[:, : 9 * head_dim].view(11, 9, head_dim)
+    k = qkv[:, 9 * head_dim : 12 * head_dim].view(11, 3, head_dim)
+    want_q, want_k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    v_before = qkv[:, 12 * head_dim :].clone()
+    torch.ops.s1serve.rotary_embedding(q, k, cos, sin)
+    assert relative_error(q, want_q) < TOLERANCE[dtype] and relative_error(k, want_k) < TOLERANCE[dtype], seed
+    assert torch.equal(qkv[:, 12 * head_dim :], v_before)  # v, beside them in the row, untouched
+
+
+def test_the_fused_ops_refuse_what_they_do_not_cover():
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.s1serve.rms_norm(torch.empty_like(x), x, torch.ones(9), 1e-5)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.s1serve.silu_and_mul(torch.empty(4, 4, dtype=torch.float64), x.double())
+    with pytest.raises(RuntimeError, match="side by side"):
+        torch.ops.s1serve.silu_and_mul(torch.empty(4, 3), torch.randn(4, 7))
+
+
+def test_the_kernels_run_the_best_isa_the_cpu_has():
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    expected = "avx512" if " avx512f " in flags and " avx512bw " in flags else "avx2" if " avx2 " in flags else "baseline"
+    if os.environ.get("S1SERVE_CPU_ISA") is None:
+        assert torch.ops.s1serve.cpu_isa() == expected
+
+
+@pytest.mark.skipif(os.environ.get("S1SERVE_CPU_ISA") is not None, reason="already the forced run")
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_every_cpu_kernel_matches_its_reference_on_a_forced_isa(isa):
+    """This file and the attention kernels' tests, rerun on a lower ISA than the CPU's best: each
+    kernel body is compiled per ISA (csrc/cpu/isa.h), so each build is checked, not just the one
+    this CPU picks."""
+    env = {**os.environ, "S1SERVE_CPU_ISA": isa}
+    check = subprocess.run([sys.executable, "-c", "import torch, server._C; print(torch.ops.s1serve.cpu_isa())"],
+                           env=env, capture_output=True, text=True, check=True)
+    assert check.stdout.strip() == isa
+    tests = [f"{__file__}", f"{os.path.dirname(__file__)}/test_ops.py", "-k", "matches_reference or split_their or fp32"]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
