@@ -7,13 +7,23 @@ batch 1 to 2048 on these CPUs. Results differ from sgemm's only in summation ord
 relative), like any change of GEMM kernel or batch size. bf16 weights packed the same way run
 oneDNN's AVX512-BF16 / AMX kernels: on these Sapphire Rapids cores a bf16 engine decodes 1.6x
 faster than fp32 at batch 1 and 1.8x at 32 sequences (torch's own bf16 linear is slower than fp32).
+
+One row (a single stream's decode step) instead streams the plain row-major weight through
+csrc's `linear_gemv`, which reads weights at ~29 GB/s here against oneDNN's ~20 (both are
+memory-bound at one row): the layer keeps both layouts, so its weights take twice the memory.
 """
 
 import torch
 from torch import nn
 
+import server._C  # noqa: F401  (registers torch.ops.s1serve)
+
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def gemv_available() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("s1serve::linear_gemv", "CPU")
 
 
 def onednn_linear_available() -> bool:
@@ -28,10 +38,15 @@ class PackedLinear(nn.Module):
         self.out_features = linear.out_features
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
         self.bias = None if linear.bias is None else linear.bias.detach()
+        self.weight = linear.weight.detach().contiguous() if gemv_available() else None  # for one-row steps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed_weight, self.bias,
-                                                 "none", [], "")
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] == 1 and self.weight is not None:
+            out = torch.empty(1, self.out_features, dtype=x.dtype)
+            torch.ops.s1serve.linear_gemv(out, rows.contiguous(), self.weight, self.bias)
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
         return out.view(*x.shape[:-1], self.out_features)
 
 
