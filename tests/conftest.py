@@ -154,10 +154,13 @@ def assert_no_kv_leak(llm: LLM) -> None:
 
 @pytest.fixture
 def make_llm():
-    """Build an `LLM`; after the test, every KV block of every engine built must be free again."""
+    """Build an `LLM`, in fp32 unless the test asks for another dtype (the CPU's `auto` is bf16
+    where it has native bf16; greedy equality with transformers is pinned in fp32); after the
+    test, every KV block of every engine built must be free again."""
     built: list[LLM] = []
 
     def make(model_dir, **config) -> LLM:
+        config.setdefault("dtype", "float32")
         llm = LLM(model_dir, **config)
         built.append(llm)
         return llm

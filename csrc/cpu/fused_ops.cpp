@@ -22,6 +22,7 @@ namespace {
 typedef float vec16 __attribute__((vector_size(64), aligned(4)));
 typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
 typedef uint32_t u32x16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t vec16i __attribute__((vector_size(64), aligned(4)));
 
 S1_INLINE vec16 load16(const float* p) {
   vec16 r;
@@ -43,12 +44,15 @@ S1_INLINE void store16(at::BFloat16* p, vec16 v) {  // round to nearest even, as
   const u16x16 h = __builtin_convertvector((w + 0x7FFFu + ((w >> 16) & 1u)) >> 16, u16x16);
   std::memcpy(p, &h, sizeof(h));
 }
-// fp32 leaves values as they are; bf16 rounds them like a bf16 torch op's result.
+// fp32 leaves values as they are; bf16 rounds them like a bf16 torch op's result (to nearest
+// even, in registers: the low 16 bits of the fp32 pattern rounded away).
 S1_INLINE vec16 round16(vec16 v, const float*) { return v; }
 S1_INLINE vec16 round16(vec16 v, const at::BFloat16*) {
-  at::BFloat16 tmp[16];
-  store16(tmp, v);
-  return load16(tmp);
+  u32x16 w;
+  std::memcpy(&w, &v, sizeof(w));
+  w = (w + 0x7FFFu + ((w >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
 }
 template <typename T>
 S1_INLINE float round1(float v) {
@@ -106,12 +110,25 @@ S1_INLINE float silu1(float x) {
   return x * (x >= 0 ? inv : e * inv);
 }
 
-typedef int32_t vec16i __attribute__((vector_size(64), aligned(4)));
+S1_INLINE vec16 select16(vec16i mask, vec16 a, vec16 b) {  // mask lanes are -1 (take a) or 0 (take b)
+  vec16i ai, bi;
+  std::memcpy(&ai, &a, sizeof(ai));
+  std::memcpy(&bi, &b, sizeof(bi));
+  const vec16i r = (ai & mask) | (bi & ~mask);
+  vec16 out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out;
+}
 
 // silu1 on sixteen lanes: vec.h's exp polynomial, the same clamp, floor and 2^n scaling.
 S1_INLINE vec16 silu16(vec16 x) {
-  vec16 m;  // -|x| <= 0, clamped at -87 like exp_nonpositive
-  for (int i = 0; i < 16; ++i) m[i] = std::max(-std::fabs(x[i]), -87.0f);
+  vec16i bits_x;
+  std::memcpy(&bits_x, &x, sizeof(bits_x));
+  const vec16i abs_bits = bits_x & 0x7FFFFFFF;
+  vec16 m;
+  std::memcpy(&m, &abs_bits, sizeof(m));
+  m = vec16{} - m;                                // -|x| <= 0
+  m = select16(m < -87.0f, vec16{} - 87.0f, m);  // the clamp of exp_nonpositive
   const vec16 y = m * 1.44269504088896341f + 0.5f;
   vec16 n = __builtin_convertvector(__builtin_convertvector(y, vec16i), vec16);  // truncates toward zero
   n += __builtin_convertvector(n > y, vec16);                                     // -1 where that rounded up: floor
@@ -120,9 +137,7 @@ S1_INLINE vec16 silu16(vec16 x) {
   std::memcpy(&pow2n, &bits, sizeof(pow2n));
   const vec16 e = exp_reduced(m, n) * pow2n;  // exp(-|x|)
   const vec16 inv = 1.0f / (1.0f + e);
-  vec16 sigmoid;
-  for (int i = 0; i < 16; ++i) sigmoid[i] = x[i] >= 0 ? inv[i] : e[i] * inv[i];
-  return x * sigmoid;
+  return x * select16(x >= 0.0f, inv, e * inv);
 }
 
 // out[r] = round(round(silu(gate)) * up), gate_up[r] = [gate | up] of width 2 * dim.

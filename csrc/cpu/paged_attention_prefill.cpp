@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "isa.h"
@@ -31,14 +32,16 @@ struct PrefillShape {
 // Per-thread buffers, held as floats and used through vec8 pointers: a std::vector<vec8> would
 // drop the typedef's aligned(4) and let the compiler emit aligned 32-byte loads on 16-byte memory.
 struct Scratch {
-  std::vector<float> qt_, scores_, acc_;
+  std::vector<float> qt_, scores_, acc_, kv;
   vec8* qt;      // head_dim x 2: Q tile transposed (a row per lane), pre-scaled
   vec8* scores;  // block_size x 2: this block's scores, then probabilities
   vec8* acc;     // kRows x head_dim/8: unnormalised output rows
-  explicit Scratch(const PrefillShape& s)
+  // kv: a block's K then V rows for one kv head widened to fp32 (2 x block_size x head_dim), so a
+  // half-precision cache is converted once per block, not once per query row and head
+  Scratch(const PrefillShape& s, bool widen)
       : qt_(kRows * s.head_dim), scores_(kRows * s.block_size), acc_(kRows * s.head_dim),
-        qt(reinterpret_cast<vec8*>(qt_.data())), scores(reinterpret_cast<vec8*>(scores_.data())),
-        acc(reinterpret_cast<vec8*>(acc_.data())) {}
+        kv(widen ? 2 * s.block_size * s.head_dim : 0), qt(reinterpret_cast<vec8*>(qt_.data())),
+        scores(reinterpret_cast<vec8*>(scores_.data())), acc(reinterpret_cast<vec8*>(acc_.data())) {}
 };
 
 template <typename scalar_t>
@@ -64,16 +67,34 @@ S1_INLINE void prefill_task(const PrefillShape& s, const scalar_t* q_ptr, const 
     for (int64_t b = 0; b * bs < num_keys; ++b) {
       const int64_t n = std::min(bs, num_keys - b * bs);
       const int64_t base = table[b] * s.block_stride + kv * s.head_dim;
+      const float* k_rows;
+      const float* v_rows;
+      int64_t row_stride;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        k_rows = k_ptr + base;
+        v_rows = v_ptr + base;
+        row_stride = s.slot_stride;
+      } else {
+        float* widened = w.kv.data();
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t d = 0; d < s.head_dim; d += 8) {
+            store8(widened + t * s.head_dim + d, load8(k_ptr + base + t * s.slot_stride + d));
+            store8(widened + (bs + t) * s.head_dim + d, load8(v_ptr + base + t * s.slot_stride + d));
+          }
+        k_rows = widened;
+        v_rows = widened + bs * s.head_dim;
+        row_stride = s.head_dim;
+      }
       vec8 block_max_lo = neg_inf, block_max_hi = neg_inf;
       for (int64_t t = 0; t < n; t += 4) {  // four keys at a time: eight independent FMA chains
         const int64_t keys = std::min<int64_t>(4, n - t);
-        const scalar_t* k[4];
-        for (int64_t j = 0; j < 4; ++j) k[j] = k_ptr + base + (t + std::min(j, keys - 1)) * s.slot_stride;
+        const float* k[4];
+        for (int64_t j = 0; j < 4; ++j) k[j] = k_rows + (t + std::min(j, keys - 1)) * row_stride;
         vec8 lo[4] = {}, hi[4] = {};
         for (int64_t d = 0; d < s.head_dim; ++d) {
           const vec8 q_lo = w.qt[2 * d], q_hi = w.qt[2 * d + 1];
           for (int j = 0; j < 4; ++j) {
-            const float kd = static_cast<float>(k[j][d]);
+            const float kd = k[j][d];
             lo[j] += kd * q_lo;
             hi[j] += kd * q_hi;
           }
@@ -110,7 +131,7 @@ S1_INLINE void prefill_task(const PrefillShape& s, const scalar_t* q_ptr, const 
       for (int64_t r = 0; r < rows; ++r) {
         vec8* acc = w.acc + r * chunks;
         const float corr = r < 8 ? corr_lo[r] : corr_hi[r - 8];
-        accumulate_pv_row(acc, chunks, corr, probs + r, kRows, v_ptr + base, n, s.slot_stride);
+        accumulate_pv_row(acc, chunks, corr, probs + r, kRows, v_rows, n, row_stride);
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
@@ -201,7 +222,7 @@ void paged_attention_prefill(torch::Tensor out, const torch::Tensor& query, cons
     const scalar_t* v_ptr = v_cache.data_ptr<scalar_t>();
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-      Scratch w(s);
+      Scratch w(s, !std::is_same_v<scalar_t, float>);
       for (int64_t worker = begin; worker < end; ++worker)
         prefill_tasks(s, tasks, worker, workers, q_ptr, k_ptr, v_ptr, out_ptr, tables, cu_q, cu_k,
                       static_cast<float>(scale), w);

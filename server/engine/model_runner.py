@@ -54,12 +54,18 @@ def available_memory(device: torch.device) -> int:
         return 2**62
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 / AMX, where oneDNN's bf16 kernels (and csrc's linear_gemv) run natively."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
-    """auto: fp32 on CPU (exact and fast enough there), the checkpoint's half type on CUDA."""
+    """auto: on the CPU bf16 where it has native bf16 (1.4x faster per stream and 1.8x in
+    throughput here: bench/cpu_dtypes.py), else fp32; on CUDA the checkpoint's half type."""
     if name != "auto":
         return _DTYPES[name]
     if device.type == "cpu":
-        return torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if model_config.torch_dtype in ("bfloat16", "float16"):
         return _DTYPES[model_config.torch_dtype]
     return torch.bfloat16

@@ -116,12 +116,14 @@ class Attention(nn.Module):
         q, k = RotaryEmbedding.apply(cos_sin, q, k)
         pa.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
-        out = torch.empty_like(q)  # (num_tokens, num_heads, head_dim)
-        if nd:
-            out[:nd] = pa.paged_attention_decode(
-                q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
-            )
-        if meta.prefill is not None:
+        decode = lambda q: pa.paged_attention_decode(q, k_cache, v_cache, meta.decode_block_tables,
+                                                     meta.decode_context_lens, self.scale)
+        if meta.prefill is None:  # a decode-only step: no copy into a shared output
+            out = decode(q)
+        else:
+            out = torch.empty_like(q)  # (num_tokens, num_heads, head_dim)
+            if nd:
+                out[:nd] = decode(q[:nd])
             out[nd:] = pa.paged_attention_prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta.prefill, self.scale)
         return self.shard.all_reduce(self.o_proj(out.view(-1, self.q_size)))
 

@@ -16,7 +16,8 @@ def local(**overrides) -> ServerConfig:
 
 @pytest.fixture(scope="module")
 def server(llama_dir):
-    with BackgroundServer(llama_dir, local(), num_kv_blocks=256, block_size=8, default_max_tokens=32) as s:
+    # fp32 like make_llm: tests compare this server with the offline engine
+    with BackgroundServer(llama_dir, local(), num_kv_blocks=256, block_size=8, default_max_tokens=32, dtype="float32") as s:
         yield s
 
 

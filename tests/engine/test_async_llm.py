@@ -13,7 +13,7 @@ SAMPLING = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
 @pytest.fixture
 def async_llm(llama_dir):
-    llm = AsyncLLM(llama_dir)
+    llm = AsyncLLM(llama_dir, dtype="float32")
     yield llm
     llm.shutdown()
     bm = llm.engine.block_manager

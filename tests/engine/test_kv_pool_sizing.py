@@ -52,3 +52,15 @@ def test_on_one_gpu_the_pool_is_sized_from_a_profiling_forward(llama_dir, make_l
     assert 1 < small_blocks < large_blocks
     per_block = small.engine.runner.kv_cache[:, :, 0].numel() * small.engine.runner.kv_cache.element_size()
     assert (large_blocks - small_blocks) * per_block == pytest.approx(0.02 * total, rel=0.05)  # the extra share all went to KV
+
+
+def test_auto_dtype_is_bf16_on_a_cpu_with_native_bf16_and_fp32_without(llama_dir, monkeypatch):
+    from server.engine import model_runner
+
+    cfg = ModelConfig.from_model_dir(llama_dir)
+    cpu = torch.device("cpu")
+    native = model_runner.cpu_has_native_bf16()
+    assert model_runner.resolve_dtype("auto", cfg, cpu) == (torch.bfloat16 if native else torch.float32)
+    monkeypatch.setattr(model_runner, "cpu_has_native_bf16", lambda: False)
+    assert model_runner.resolve_dtype("auto", cfg, cpu) == torch.float32
+    assert model_runner.resolve_dtype("float32", cfg, cpu) == torch.float32  # fp32 stays selectable

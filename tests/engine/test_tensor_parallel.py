@@ -8,7 +8,7 @@ from server.errors import InvalidConfigError
 
 from ..conftest import assert_no_kv_leak, build_tiny_model, random_prompts
 
-CONFIG = dict(num_kv_blocks=40, block_size=8)  # small enough that the batch below preempts
+CONFIG = dict(num_kv_blocks=40, block_size=8, dtype="float32")  # small enough that the batch below preempts
 
 
 def mixed_batch(vocab: int):
@@ -57,10 +57,10 @@ def test_a_size_that_does_not_split_the_heads_is_refused_at_start_up(tmp_path):
 @pytest.mark.skipif(not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
                     reason="needs two CUDA devices")
 def test_two_ranks_on_nccl_equal_one_gpu(llama_dir):
-    one = LLM(llama_dir, device="cuda", dtype="float32", **CONFIG)
+    one = LLM(llama_dir, device="cuda", **CONFIG)
     prompts, budgets = mixed_batch(len(one.tokenizer))
     expected = generate(one, prompts, budgets)
-    sharded = LLM(llama_dir, device="cuda", dtype="float32", tensor_parallel_size=2, **CONFIG)
+    sharded = LLM(llama_dir, device="cuda", tensor_parallel_size=2, **CONFIG)
     try:
         assert generate(sharded, prompts, budgets) == expected
     finally:

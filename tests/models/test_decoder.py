@@ -28,7 +28,7 @@ def hf_logits(model_dir, token_ids):
 def paged_logits(model_dir, tokens: list[int], chunk: int, block_size: int = 4) -> torch.Tensor:
     """Logits at every position, feeding `tokens` through the paged path `chunk` tokens per step."""
     num_blocks = -(-len(tokens) // block_size)
-    config = EngineConfig(block_size=block_size, num_kv_blocks=num_blocks, max_num_batched_tokens=chunk)
+    config = EngineConfig(block_size=block_size, num_kv_blocks=num_blocks, max_num_batched_tokens=chunk, dtype="float32")
     runner = ModelRunner(str(model_dir), config, ModelConfig.from_model_dir(model_dir))
     sched = Scheduler(BlockManager(num_blocks, block_size), 1, chunk)
     seq = Sequence("x", tokens, SamplingParams(), seed=0)
