@@ -19,31 +19,8 @@
 namespace s1serve {
 namespace {
 
-typedef float vec16 __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u32x16 __attribute__((vector_size(64), aligned(4)));
 typedef int32_t vec16i __attribute__((vector_size(64), aligned(4)));
 
-S1_INLINE vec16 load16(const float* p) {
-  vec16 r;
-  std::memcpy(&r, p, sizeof(r));
-  return r;
-}
-S1_INLINE vec16 load16(const at::BFloat16* p) {  // bf16 is the top half of an fp32
-  u16x16 h;
-  std::memcpy(&h, p, sizeof(h));
-  const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-  vec16 r;
-  std::memcpy(&r, &w, sizeof(r));
-  return r;
-}
-S1_INLINE void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
-S1_INLINE void store16(at::BFloat16* p, vec16 v) {  // round to nearest even, as c10::BFloat16 does
-  u32x16 w;
-  std::memcpy(&w, &v, sizeof(w));
-  const u16x16 h = __builtin_convertvector((w + 0x7FFFu + ((w >> 16) & 1u)) >> 16, u16x16);
-  std::memcpy(p, &h, sizeof(h));
-}
 // fp32 leaves values as they are; bf16 rounds them like a bf16 torch op's result (to nearest
 // even, in registers: the low 16 bits of the fp32 pattern rounded away).
 S1_INLINE vec16 round16(vec16 v, const float*) { return v; }
@@ -57,11 +34,6 @@ S1_INLINE vec16 round16(vec16 v, const at::BFloat16*) {
 template <typename T>
 S1_INLINE float round1(float v) {
   return static_cast<float>(static_cast<T>(v));
-}
-S1_INLINE float hsum16(vec16 v) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
 }
 
 // out[r] = norm(x'[r]) * weight with x' = x + residual (written back to residual) or x alone.

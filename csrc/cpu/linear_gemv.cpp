@@ -23,28 +23,7 @@
 namespace s1serve {
 namespace {
 
-typedef float vec16 __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u32x16 __attribute__((vector_size(64), aligned(4)));
 
-S1_INLINE vec16 load16(const float* p) {
-  vec16 r;
-  std::memcpy(&r, p, sizeof(r));
-  return r;
-}
-S1_INLINE vec16 load16(const at::BFloat16* p) {
-  u16x16 h;
-  std::memcpy(&h, p, sizeof(h));
-  const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-  vec16 r;
-  std::memcpy(&r, &w, sizeof(r));
-  return r;
-}
-S1_INLINE float hsum16(vec16 v) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-}
 
 constexpr int64_t kRowsPerStep = 4;   // output rows sharing each 64-byte load of x
 constexpr int64_t kRowsPerTask = 32;  // output rows per parallel task

@@ -41,20 +41,25 @@ struct Sink {
 // keeps the memory system streaming (per-head tasks read 1/num_kv_heads of each row and run
 // several times slower here). q/acc are scratch of num_heads*head_dim/8 vectors, scores of
 // num_heads*block_size floats, running of 2*num_heads floats.
-template <typename scalar_t>
+//
+// V is the vector the dot products and the PV sums run on: vec16 in the AVX-512 build (head_dim a
+// multiple of 16), vec8 elsewhere; the softmax over a block's scores stays on vec8.
+template <typename V, typename scalar_t>
 S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_t kv_end, int64_t block_begin,
                            int64_t block_end, const scalar_t* q_ptr, const scalar_t* k_ptr, const scalar_t* v_ptr,
                            scalar_t* out_ptr, Sink sink, const int64_t* table, int64_t ctx, float scale,
-                           vec8* __restrict q, vec8* __restrict acc, float* __restrict scores,
+                           float* __restrict q, float* __restrict acc, float* __restrict scores,
                            float* __restrict running, float* __restrict kv_f32) {
-  const int64_t chunks = s.head_dim / 8, head0 = kv_begin * s.group, heads = (kv_end - kv_begin) * s.group;
+  constexpr int64_t L = kLanes<V>;
+  const int64_t chunks = s.head_dim / 8, lane_chunks = s.head_dim / L;
+  const int64_t head0 = kv_begin * s.group, heads = (kv_end - kv_begin) * s.group;
   const int64_t width = (kv_end - kv_begin) * s.head_dim;  // one token's K (or V) row for these kv heads
   const int64_t bs = s.block_size;
   for (int64_t h = 0; h < heads; ++h) {
     const scalar_t* src = q_ptr + (seq * s.num_heads + head0 + h) * s.head_dim;
-    for (int64_t c = 0; c < chunks; ++c) q[h * chunks + c] = load8(src + 8 * c) * scale;
+    for (int64_t c = 0; c < chunks; ++c) store8(q + h * s.head_dim + 8 * c, load8(src + 8 * c) * scale);
   }
-  for (int64_t i = 0; i < heads * chunks; ++i) acc[i] = vec8{};
+  std::fill(acc, acc + heads * s.head_dim, 0.0f);
   float* running_max = running;
   float* running_sum = running + heads;
   std::fill(running_max, running_max + heads, -std::numeric_limits<float>::infinity());
@@ -85,21 +90,23 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
     }
     for (int64_t h = 0; h < heads; ++h) {
       const float* k_head = k_rows + (h / s.group) * s.head_dim;
-      const vec8* qh = q + h * chunks;
+      const float* qh = q + h * s.head_dim;
       float* sc = scores + h * bs;
       int64_t t = 0;
       for (; t + 8 <= n; t += 8) {  // eight keys at a time: eight independent chains, one vector of sums
-        vec8 part[8] = {};
-        for (int64_t c = 0; c < chunks; ++c) {
-          const vec8 qc = qh[c];
-          for (int j = 0; j < 8; ++j) part[j] += load8(k_head + (t + j) * row_stride + 8 * c) * qc;
+        V part[8] = {};
+        for (int64_t c = 0; c < lane_chunks; ++c) {
+          const V qc = loadv<V>(qh + L * c);
+          for (int j = 0; j < 8; ++j) part[j] += loadv<V>(k_head + (t + j) * row_stride + L * c) * qc;
         }
-        store8(sc + t, hsum8x8(part));
+        vec8 folded[8];
+        for (int j = 0; j < 8; ++j) folded[j] = fold8(part[j]);
+        store8(sc + t, hsum8x8(folded));
       }
       for (; t < n; ++t) {
-        vec8 sum{};
-        for (int64_t c = 0; c < chunks; ++c) sum += load8(k_head + t * row_stride + 8 * c) * qh[c];
-        sc[t] = hsum(sum);
+        V sum{};
+        for (int64_t c = 0; c < lane_chunks; ++c) sum += loadv<V>(k_head + t * row_stride + L * c) * loadv<V>(qh + L * c);
+        sc[t] = hsum(fold8(sum));
       }
     }
     for (int64_t h = 0; h < heads; ++h) {
@@ -124,21 +131,20 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
       for (int64_t t = whole; t < n; ++t) sum += (sc[t] = exp_nonpositive(sc[t] - new_max));
       running_sum[h] = running_sum[h] * correction + sum;
       running_max[h] = new_max;
-      accumulate_pv_row(acc + h * chunks, chunks, correction, sc, 1, v_rows + (h / s.group) * s.head_dim, n,
-                        row_stride);
+      accumulate_pv_row<V>(acc + h * s.head_dim, s.head_dim, correction, sc, 1, v_rows + (h / s.group) * s.head_dim,
+                           n, row_stride);
     }
   }
   for (int64_t h = 0; h < heads; ++h) {
     const float inv = running_sum[h] > 0 ? 1.0f / running_sum[h] : 0.0f;  // 0: a partition past the context
     if (sink.partial != nullptr) {
-      for (int64_t c = 0; c < chunks; ++c) store8(sink.partial + h * s.head_dim + 8 * c, acc[h * chunks + c] * inv);
+      for (int64_t c = 0; c < chunks; ++c) store8(sink.partial + h * s.head_dim + 8 * c, load8(acc + h * s.head_dim + 8 * c) * inv);
       sink.stats[h] = running_max[h];
       sink.stats[heads + h] = running_sum[h];
       continue;
     }
     scalar_t* dst = out_ptr + (seq * s.num_heads + head0 + h) * s.head_dim;
-    for (int64_t c = 0; c < chunks; ++c)
-      for (int i = 0; i < 8; ++i) dst[8 * c + i] = static_cast<scalar_t>(acc[h * chunks + c][i] * inv);
+    for (int64_t d = 0; d < s.head_dim; ++d) dst[d] = static_cast<scalar_t>(acc[h * s.head_dim + d] * inv);
   }
 }
 
@@ -172,25 +178,54 @@ void merge_partitions(const Shape& s, int64_t seq, int64_t kv_begin, const float
 }
 
 // A task is (sequence, slice of kv heads, partition of the context); see decode() for the split.
+template <typename V, typename T>
+S1_INLINE void decode_tasks(const Shape& s, int64_t begin, int64_t end, const T* q_ptr, const T* k_ptr,
+                            const T* v_ptr, T* out_ptr, float* partial, const int64_t* tables, const int64_t* lens,
+                            float scale, float* q, float* acc, float* scores, float* running, float* kv_f32) {
+  const int64_t heads = s.kv_per_slice * s.group;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t part = task % s.partitions, seq = task / s.partitions / s.slices;
+    const int64_t kv_begin = task / s.partitions % s.slices * s.kv_per_slice;
+    const Sink sink = partial == nullptr ? Sink{nullptr, nullptr}
+                                         : Sink{partial + task * heads * (s.head_dim + 2),
+                                                partial + task * heads * (s.head_dim + 2) + heads * s.head_dim};
+    decode_task<V, T>(s, seq, kv_begin, kv_begin + s.kv_per_slice, part * s.blocks_per_partition,
+                      (part + 1) * s.blocks_per_partition, q_ptr, k_ptr, v_ptr, out_ptr, sink,
+                      tables + seq * s.max_blocks, lens[seq], scale, q, acc, scores, running, kv_f32);
+  }
+}
+
+// The AVX-512 build runs the dot products on vec16 when head_dim allows; the others on vec8.
 #define S1_DEFINE_TASK_RANGE(T)                                                                                   \
-  S1_ISA_VARIANTS(                                                                                                \
-      task_range,                                                                                                 \
-      (const Shape& s, int64_t begin, int64_t end, const T* q_ptr, const T* k_ptr, const T* v_ptr, T* out_ptr,    \
-       float* partial, const int64_t* tables, const int64_t* lens, float scale, vec8* q, vec8* acc, float* scores, \
-       float* running, float* kv_f32),                                                                            \
-      (s, begin, end, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, scores, running, kv_f32), \
-      const int64_t heads = s.kv_per_slice * s.group;                                                             \
-      for (int64_t task = begin; task < end; ++task) {                                                            \
-        const int64_t part = task % s.partitions, seq = task / s.partitions / s.slices;                           \
-        const int64_t kv_begin = task / s.partitions % s.slices * s.kv_per_slice;                                 \
-        const Sink sink = partial == nullptr                                                                      \
-                              ? Sink{nullptr, nullptr}                                                            \
-                              : Sink{partial + task * heads * (s.head_dim + 2),                                   \
-                                     partial + task * heads * (s.head_dim + 2) + heads * s.head_dim};             \
-        decode_task<T>(s, seq, kv_begin, kv_begin + s.kv_per_slice, part * s.blocks_per_partition,               \
-                       (part + 1) * s.blocks_per_partition, q_ptr, k_ptr, v_ptr, out_ptr, sink,                   \
-                       tables + seq * s.max_blocks, lens[seq], scale, q, acc, scores, running, kv_f32);           \
-      })
+  S1_TARGET_AVX512 void task_range_avx512(const Shape& s, int64_t b, int64_t e, const T* q_ptr, const T* k_ptr,  \
+                                          const T* v_ptr, T* out_ptr, float* partial, const int64_t* tables,     \
+                                          const int64_t* lens, float scale, float* q, float* acc, float* sc,     \
+                                          float* running, float* kv) {                                            \
+    if (s.head_dim % 16 == 0)                                                                                     \
+      decode_tasks<vec16>(s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc, running, kv); \
+    else                                                                                                          \
+      decode_tasks<vec8>(s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc, running, kv); \
+  }                                                                                                               \
+  S1_TARGET_AVX2 void task_range_avx2(const Shape& s, int64_t b, int64_t e, const T* q_ptr, const T* k_ptr,      \
+                                      const T* v_ptr, T* out_ptr, float* partial, const int64_t* tables,         \
+                                      const int64_t* lens, float scale, float* q, float* acc, float* sc,         \
+                                      float* running, float* kv) {                                                \
+    decode_tasks<vec8>(s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc, running, kv); \
+  }                                                                                                               \
+  void task_range_baseline(const Shape& s, int64_t b, int64_t e, const T* q_ptr, const T* k_ptr, const T* v_ptr, \
+                           T* out_ptr, float* partial, const int64_t* tables, const int64_t* lens, float scale,  \
+                           float* q, float* acc, float* sc, float* running, float* kv) {                          \
+    decode_tasks<vec8>(s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc, running, kv); \
+  }                                                                                                               \
+  void task_range(const Shape& s, int64_t b, int64_t e, const T* q_ptr, const T* k_ptr, const T* v_ptr,          \
+                  T* out_ptr, float* partial, const int64_t* tables, const int64_t* lens, float scale, float* q, \
+                  float* acc, float* sc, float* running, float* kv) {                                            \
+    switch (cpu_isa()) {                                                                                          \
+      case Isa::kAvx512: return task_range_avx512(s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc, running, kv); \
+      case Isa::kAvx2: return task_range_avx2(s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc, running, kv); \
+      default: return task_range_baseline(s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc, running, kv); \
+    }                                                                                                             \
+  }
 // One overload per dtype, each compiled per ISA (isa.h).
 S1_DEFINE_TASK_RANGE(float)
 S1_DEFINE_TASK_RANGE(double)
@@ -239,7 +274,7 @@ void decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t heads = s.kv_per_slice * s.group;
-    std::vector<vec8> q(heads * s.head_dim / 8), acc(heads * s.head_dim / 8);
+    std::vector<float> q(heads * s.head_dim), acc(heads * s.head_dim);
     std::vector<float> scores(heads * s.block_size), running(2 * heads);
     std::vector<float> kv_f32(std::is_same_v<scalar_t, float> ? 0 : 2 * s.block_size * s.kv_per_slice * s.head_dim);
     task_range(s, begin, end, q_ptr, k_ptr, v_ptr, out_ptr, partial.empty() ? nullptr : partial.data(), tables, lens,

@@ -131,7 +131,8 @@ S1_INLINE void prefill_task(const PrefillShape& s, const scalar_t* q_ptr, const 
       for (int64_t r = 0; r < rows; ++r) {
         vec8* acc = w.acc + r * chunks;
         const float corr = r < 8 ? corr_lo[r] : corr_hi[r - 8];
-        accumulate_pv_row(acc, chunks, corr, probs + r, kRows, v_rows, n, row_stride);
+        accumulate_pv_row<vec8>(reinterpret_cast<float*>(acc), s.head_dim, corr, probs + r, kRows, v_rows, n,
+                                row_stride);
       }
     }
     for (int64_t r = 0; r < rows; ++r) {

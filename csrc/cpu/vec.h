@@ -109,29 +109,79 @@ S1_INLINE vec8 hsum8x8(const vec8* v) {
          __builtin_shufflevector(quads[0], quads[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-// One output row's N vectors: acc = acc * corr + sum over t < n of probs[t * prob_stride] * V[t],
-// with V[t] at v + t * slot_stride. N independent chains held in registers.
-template <int N, typename scalar_t>
-S1_INLINE void accumulate_pv(vec8* __restrict acc, float corr, const float* probs, int64_t prob_stride,
-                             const scalar_t* v, int64_t n, int64_t slot_stride) {
-  vec8 a[N];
-  for (int i = 0; i < N; ++i) a[i] = acc[i] * corr;
-  for (int64_t t = 0; t < n; ++t) {
-    const float p = probs[t * prob_stride];
-    for (int i = 0; i < N; ++i) a[i] += p * load8(v + t * slot_stride + 8 * i);
-  }
-  for (int i = 0; i < N; ++i) acc[i] = a[i];
+// Sixteen floats: one AVX-512 register in a kernel's AVX-512 build (two AVX or four SSE registers
+// elsewhere). Kernels templated on the vector type use it there and vec8 in the other builds.
+typedef float vec16 __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u32x16 __attribute__((vector_size(64), aligned(4)));
+
+template <typename V>
+constexpr int64_t kLanes = sizeof(V) / sizeof(float);
+
+template <typename V>
+S1_INLINE V loadv(const float* p) {
+  V r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+template <typename V>
+S1_INLINE void storev(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+S1_INLINE vec16 load16(const float* p) { return loadv<vec16>(p); }
+S1_INLINE vec16 load16(const c10::BFloat16* p) {  // widen and shift, as load8 does
+  u16x16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+  vec16 r;
+  std::memcpy(&r, &w, sizeof(r));
+  return r;
+}
+S1_INLINE void store16(float* p, vec16 v) { storev(p, v); }
+S1_INLINE void store16(c10::BFloat16* p, vec16 v) {  // round to nearest even, as c10::BFloat16 does
+  u32x16 w;
+  std::memcpy(&w, &v, sizeof(w));
+  const u16x16 h = __builtin_convertvector((w + 0x7FFFu + ((w >> 16) & 1u)) >> 16, u16x16);
+  std::memcpy(p, &h, sizeof(h));
+}
+S1_INLINE float hsum16(vec16 v) {
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
 }
 
-// accumulate_pv over a whole row of `chunks` vectors, in runs of 8, 4, 2 and 1.
-template <typename scalar_t>
-S1_INLINE void accumulate_pv_row(vec8* acc, int64_t chunks, float corr, const float* probs, int64_t prob_stride,
-                                 const scalar_t* v, int64_t n, int64_t slot_stride) {
+// A vector's lanes summed down to eight: vec8 as it is, vec16 as its two halves added.
+S1_INLINE vec8 fold8(vec8 v) { return v; }
+S1_INLINE vec8 fold8(vec16 v) {
+  return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+// One output row's N vectors of V: acc = acc * corr + sum over t < n of probs[t * prob_stride] *
+// V[t], with V[t] at v + t * slot_stride. N independent chains held in registers.
+template <int N, typename V>
+S1_INLINE void accumulate_pv(float* __restrict acc, float corr, const float* probs, int64_t prob_stride,
+                             const float* v, int64_t n, int64_t slot_stride) {
+  constexpr int64_t L = kLanes<V>;
+  V a[N];
+  for (int i = 0; i < N; ++i) a[i] = loadv<V>(acc + L * i) * corr;
+  for (int64_t t = 0; t < n; ++t) {
+    const float p = probs[t * prob_stride];
+    for (int i = 0; i < N; ++i) a[i] += p * loadv<V>(v + t * slot_stride + L * i);
+  }
+  for (int i = 0; i < N; ++i) storev(acc + L * i, a[i]);
+}
+
+// accumulate_pv over a whole row of `dim` floats (a multiple of V's lanes), in runs of 8, 4, 2 and 1 vectors.
+template <typename V>
+S1_INLINE void accumulate_pv_row(float* acc, int64_t dim, float corr, const float* probs, int64_t prob_stride,
+                                 const float* v, int64_t n, int64_t slot_stride) {
+  constexpr int64_t L = kLanes<V>;
+  const int64_t chunks = dim / L;
   int64_t c = 0;
-  for (; c + 8 <= chunks; c += 8) accumulate_pv<8>(acc + c, corr, probs, prob_stride, v + 8 * c, n, slot_stride);
-  for (; c + 4 <= chunks; c += 4) accumulate_pv<4>(acc + c, corr, probs, prob_stride, v + 8 * c, n, slot_stride);
-  for (; c + 2 <= chunks; c += 2) accumulate_pv<2>(acc + c, corr, probs, prob_stride, v + 8 * c, n, slot_stride);
-  for (; c < chunks; ++c) accumulate_pv<1>(acc + c, corr, probs, prob_stride, v + 8 * c, n, slot_stride);
+  for (; c + 8 <= chunks; c += 8) accumulate_pv<8, V>(acc + L * c, corr, probs, prob_stride, v + L * c, n, slot_stride);
+  for (; c + 4 <= chunks; c += 4) accumulate_pv<4, V>(acc + L * c, corr, probs, prob_stride, v + L * c, n, slot_stride);
+  for (; c + 2 <= chunks; c += 2) accumulate_pv<2, V>(acc + L * c, corr, probs, prob_stride, v + L * c, n, slot_stride);
+  for (; c < chunks; ++c) accumulate_pv<1, V>(acc + L * c, corr, probs, prob_stride, v + L * c, n, slot_stride);
 }
 
 }  // namespace s1serve

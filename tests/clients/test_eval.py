@@ -212,7 +212,7 @@ def test_three_methods_at_equal_token_cost_on_both_backends(server, llama_dir, t
     assert sum(r["probe_tokens"] for r in adaptive) > 0
     assert png_size(tmp_path / "server" / "accuracy_vs_total_tokens.png") == (640, 480)
 
-    offline = run_sweep(questions, SweepConfig(**EQUAL_COST), OfflineBackend(str(llama_dir), num_kv_blocks=128),
+    offline = run_sweep(questions, SweepConfig(**EQUAL_COST), OfflineBackend(str(llama_dir), num_kv_blocks=128, dtype="float32"),
                         tmp_path / "offline")
     fields = ("method", "budget", "question_id", "think_tokens", "total_tokens", "probe_tokens", "correct", "answer_text")
     local = [json.loads(line) for line in (tmp_path / "offline" / "results.jsonl").read_text().splitlines()]
