@@ -13,6 +13,7 @@ the same tokens computed, in ABBA order, fastest of each. Prints a table, writes
 
     python bench/budget.py                      # the embedded default model
     python bench/budget.py --model DIR --num-requests 32 --max-tokens 200
+    python bench/budget.py --dtype float32     # exact mode: the loop's tokens equal the engine's
 """
 
 import argparse
@@ -116,13 +117,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--min-think", type=int, default=150, help="high enough that all 4 Waits are needed")
     parser.add_argument("--bias", type=float, default=0.0, help="logit bias on the delimiter's first token")
+    parser.add_argument("--dtype", default="auto", help="the engine's dtype (auto: bf16 on CPUs with native bf16)")
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
     model_dir = resolve_model_dir(args.model)
     runs, llms = {}, {}
     for caching in (False, True):
-        llms[caching] = LLM(model_dir, enable_prefix_caching=caching)
+        llms[caching] = LLM(model_dir, enable_prefix_caching=caching, dtype=args.dtype)
     engine = llms[False].engine
     prompts = [engine.render_chat([{"role": "user", "content": q}]) for q in questions(args.num_requests)]
     bias = {engine.think_ids.think_end[0]: args.bias} if args.bias else {}
