@@ -82,34 +82,16 @@ S1_INLINE float silu1(float x) {
   return x * (x >= 0 ? inv : e * inv);
 }
 
-S1_INLINE vec16 select16(vec16i mask, vec16 a, vec16 b) {  // mask lanes are -1 (take a) or 0 (take b)
-  vec16i ai, bi;
-  std::memcpy(&ai, &a, sizeof(ai));
-  std::memcpy(&bi, &b, sizeof(bi));
-  const vec16i r = (ai & mask) | (bi & ~mask);
-  vec16 out;
-  std::memcpy(&out, &r, sizeof(out));
-  return out;
-}
-
-// silu1 on sixteen lanes: vec.h's exp polynomial, the same clamp, floor and 2^n scaling.
+// silu1 on sixteen lanes, with vec.h's lane-wise exp.
 S1_INLINE vec16 silu16(vec16 x) {
-  vec16i bits_x;
-  std::memcpy(&bits_x, &x, sizeof(bits_x));
-  const vec16i abs_bits = bits_x & 0x7FFFFFFF;
-  vec16 m;
-  std::memcpy(&m, &abs_bits, sizeof(m));
-  m = vec16{} - m;                                // -|x| <= 0
-  m = select16(m < -87.0f, vec16{} - 87.0f, m);  // the clamp of exp_nonpositive
-  const vec16 y = m * 1.44269504088896341f + 0.5f;
-  vec16 n = __builtin_convertvector(__builtin_convertvector(y, vec16i), vec16);  // truncates toward zero
-  n += __builtin_convertvector(n > y, vec16);                                     // -1 where that rounded up: floor
-  const vec16i bits = (__builtin_convertvector(n, vec16i) + 127) << 23;
-  vec16 pow2n;
-  std::memcpy(&pow2n, &bits, sizeof(pow2n));
-  const vec16 e = exp_reduced(m, n) * pow2n;  // exp(-|x|)
+  vec16i bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits &= 0x7FFFFFFF;
+  vec16 abs_x;
+  std::memcpy(&abs_x, &bits, sizeof(abs_x));
+  const vec16 e = exp_nonpositive_lanes(vec16{} - abs_x);  // exp(-|x|)
   const vec16 inv = 1.0f / (1.0f + e);
-  return x * select16(x >= 0.0f, inv, e * inv);
+  return x * select_lanes(x >= 0.0f, inv, e * inv);
 }
 
 // out[r] = round(round(silu(gate)) * up), gate_up[r] = [gate | up] of width 2 * dim.

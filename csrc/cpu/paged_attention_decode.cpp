@@ -69,25 +69,11 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
   for (int64_t b = block_begin; b < num_blocks; ++b) {
     const int64_t n = std::min(bs, ctx - b * bs);
     const int64_t base = table[b] * s.block_stride + kv_begin * s.head_dim;
-    // fp32 caches are read in place; others are widened once per block into kv_f32 (2 x bs x
-    // width), not once per query head of the group (the conversion, not memory, bounded bf16).
-    const float* k_rows;
-    const float* v_rows;
-    int64_t row_stride;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      k_rows = k_ptr + base;
-      v_rows = v_ptr + base;
-      row_stride = s.slot_stride;
-    } else {
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t e = 0; e < width; e += 8) {
-          store8(kv_f32 + t * width + e, load8(k_ptr + base + t * s.slot_stride + e));
-          store8(kv_f32 + (bs + t) * width + e, load8(v_ptr + base + t * s.slot_stride + e));
-        }
-      k_rows = kv_f32;
-      v_rows = kv_f32 + bs * width;
-      row_stride = width;
-    }
+    // (the bf16 conversion, done per query head of the group, was what bounded bf16 decode)
+    const BlockRows rows = block_rows(k_ptr + base, v_ptr + base, n, width, s.slot_stride, bs, kv_f32);
+    const float* k_rows = rows.k;
+    const float* v_rows = rows.v;
+    const int64_t row_stride = rows.stride;
     for (int64_t h = 0; h < heads; ++h) {
       const float* k_head = k_rows + (h / s.group) * s.head_dim;
       const float* qh = q + h * s.head_dim;

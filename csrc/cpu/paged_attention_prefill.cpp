@@ -67,24 +67,10 @@ S1_INLINE void prefill_task(const PrefillShape& s, const scalar_t* q_ptr, const 
     for (int64_t b = 0; b * bs < num_keys; ++b) {
       const int64_t n = std::min(bs, num_keys - b * bs);
       const int64_t base = table[b] * s.block_stride + kv * s.head_dim;
-      const float* k_rows;
-      const float* v_rows;
-      int64_t row_stride;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        k_rows = k_ptr + base;
-        v_rows = v_ptr + base;
-        row_stride = s.slot_stride;
-      } else {
-        float* widened = w.kv.data();
-        for (int64_t t = 0; t < n; ++t)
-          for (int64_t d = 0; d < s.head_dim; d += 8) {
-            store8(widened + t * s.head_dim + d, load8(k_ptr + base + t * s.slot_stride + d));
-            store8(widened + (bs + t) * s.head_dim + d, load8(v_ptr + base + t * s.slot_stride + d));
-          }
-        k_rows = widened;
-        v_rows = widened + bs * s.head_dim;
-        row_stride = s.head_dim;
-      }
+      const BlockRows block = block_rows(k_ptr + base, v_ptr + base, n, s.head_dim, s.slot_stride, bs, w.kv.data());
+      const float* k_rows = block.k;
+      const float* v_rows = block.v;
+      const int64_t row_stride = block.stride;
       vec8 block_max_lo = neg_inf, block_max_hi = neg_inf;
       for (int64_t t = 0; t < n; t += 4) {  // four keys at a time: eight independent FMA chains
         const int64_t keys = std::min<int64_t>(4, n - t);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <c10/util/BFloat16.h>
 
@@ -28,16 +29,38 @@ S1_INLINE vec8 load8(const other_t* p) {
   for (int i = 0; i < 8; ++i) r[i] = static_cast<float>(p[i]);
   return r;
 }
+// Sixteen floats: one AVX-512 register in a kernel's AVX-512 build (two AVX or four SSE registers
+// elsewhere). Kernels templated on the vector type use it there and vec8 in the other builds.
+typedef float vec16 __attribute__((vector_size(64), aligned(4)));
 typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
 typedef uint32_t u32x8 __attribute__((vector_size(32), aligned(4)));
-S1_INLINE vec8 load8(const c10::BFloat16* p) {  // bf16 is the top half of an fp32: widen and shift
-  u16x8 h;
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u32x16 __attribute__((vector_size(64), aligned(4)));
+
+template <typename V>
+struct Bf16Bits;  // the 16- and 32-bit integer vectors with V's lane count
+template <>
+struct Bf16Bits<vec8> {
+  typedef u16x8 u16;
+  typedef u32x8 u32;
+};
+template <>
+struct Bf16Bits<vec16> {
+  typedef u16x16 u16;
+  typedef u32x16 u32;
+};
+
+// bf16 is the top half of an fp32: widen the 16-bit lanes and shift. V is vec8 or vec16.
+template <typename V>
+S1_INLINE V load_bf16(const c10::BFloat16* p) {
+  typename Bf16Bits<V>::u16 h;
   std::memcpy(&h, p, sizeof(h));
-  const u32x8 w = __builtin_convertvector(h, u32x8) << 16;
-  vec8 r;
+  const typename Bf16Bits<V>::u32 w = __builtin_convertvector(h, typename Bf16Bits<V>::u32) << 16;
+  V r;
   std::memcpy(&r, &w, sizeof(r));
   return r;
 }
+S1_INLINE vec8 load8(const c10::BFloat16* p) { return load_bf16<vec8>(p); }
 
 S1_INLINE float hsum(vec8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -70,28 +93,35 @@ S1_INLINE float exp_nonpositive(float x) {
 
 typedef int32_t vec8i __attribute__((vector_size(32), aligned(4)));
 
-S1_INLINE vec8 select8(vec8i mask, vec8 a, vec8 b) {  // mask lanes are -1 (take a) or 0 (take b)
-  vec8i ai, bi;
+// Lane-wise mask ? a : b for vec8 or vec16; mask lanes are -1 (take a) or 0 (take b), as a
+// comparison of two vectors gives them.
+template <typename V, typename M>
+S1_INLINE V select_lanes(M mask, V a, V b) {
+  M ai, bi;
   std::memcpy(&ai, &a, sizeof(ai));
   std::memcpy(&bi, &b, sizeof(bi));
-  const vec8i r = (ai & mask) | (bi & ~mask);
-  vec8 out;
+  const M r = (ai & mask) | (bi & ~mask);
+  V out;
   std::memcpy(&out, &r, sizeof(out));
   return out;
 }
+S1_INLINE vec8 select8(vec8i mask, vec8 a, vec8 b) { return select_lanes(mask, a, b); }
 
-// exp_nonpositive on eight lanes at once (same polynomial, same ~1 ulp).
-S1_INLINE vec8 exp_nonpositive8(vec8 x) {
-  x = select8(x < -87.0f, vec8{} - 87.0f, x);
-  const vec8 y = x * 1.44269504088896341f + 0.5f;
-  vec8 n = __builtin_convertvector(__builtin_convertvector(y, vec8i), vec8);  // truncates toward zero
-  n += __builtin_convertvector(n > y, vec8);                                   // -1 where that rounded up: floor
-  const vec8 p = exp_reduced(x, n);
-  const vec8i bits = (__builtin_convertvector(n, vec8i) + 127) << 23;
-  vec8 pow2n;
+// exp_nonpositive on every lane of a vec8 or vec16 at once (same polynomial, same ~1 ulp).
+template <typename V>
+S1_INLINE V exp_nonpositive_lanes(V x) {
+  using M = decltype(x < x);
+  x = select_lanes(x < -87.0f, V{} - 87.0f, x);
+  const V y = x * 1.44269504088896341f + 0.5f;
+  V n = __builtin_convertvector(__builtin_convertvector(y, M), V);  // truncates toward zero
+  n += __builtin_convertvector(n > y, V);                           // -1 where that rounded up: floor
+  const V p = exp_reduced(x, n);
+  const M bits = (__builtin_convertvector(n, M) + 127) << 23;
+  V pow2n;
   std::memcpy(&pow2n, &bits, sizeof(pow2n));
   return p * pow2n;
 }
+S1_INLINE vec8 exp_nonpositive8(vec8 x) { return exp_nonpositive_lanes(x); }
 
 S1_INLINE void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
 
@@ -109,12 +139,6 @@ S1_INLINE vec8 hsum8x8(const vec8* v) {
          __builtin_shufflevector(quads[0], quads[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-// Sixteen floats: one AVX-512 register in a kernel's AVX-512 build (two AVX or four SSE registers
-// elsewhere). Kernels templated on the vector type use it there and vec8 in the other builds.
-typedef float vec16 __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u32x16 __attribute__((vector_size(64), aligned(4)));
-
 template <typename V>
 constexpr int64_t kLanes = sizeof(V) / sizeof(float);
 
@@ -129,14 +153,7 @@ S1_INLINE void storev(float* p, V v) {
   std::memcpy(p, &v, sizeof(v));
 }
 S1_INLINE vec16 load16(const float* p) { return loadv<vec16>(p); }
-S1_INLINE vec16 load16(const c10::BFloat16* p) {  // widen and shift, as load8 does
-  u16x16 h;
-  std::memcpy(&h, p, sizeof(h));
-  const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-  vec16 r;
-  std::memcpy(&r, &w, sizeof(r));
-  return r;
-}
+S1_INLINE vec16 load16(const c10::BFloat16* p) { return load_bf16<vec16>(p); }
 S1_INLINE void store16(float* p, vec16 v) { storev(p, v); }
 S1_INLINE void store16(c10::BFloat16* p, vec16 v) {  // round to nearest even, as c10::BFloat16 does
   u32x16 w;
@@ -148,6 +165,32 @@ S1_INLINE float hsum16(vec16 v) {
   float s = 0.0f;
   for (int i = 0; i < 16; ++i) s += v[i];
   return s;
+}
+
+// n rows of `width` elements (a multiple of 8), `stride` apart in src, widened to fp32 rows packed in dst.
+template <typename T>
+S1_INLINE void widen_rows(float* dst, const T* src, int64_t n, int64_t width, int64_t stride) {
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t e = 0; e < width; e += 8) store8(dst + t * width + e, load8(src + t * stride + e));
+}
+
+// One cached block's K and V rows as fp32 for the kernels' inner loops: an fp32 cache in place, any
+// other widened once into scratch (2 x block_size x width floats), not once per query head or row.
+struct BlockRows {
+  const float* k;
+  const float* v;
+  int64_t stride;  // between consecutive rows
+};
+template <typename T>
+S1_INLINE BlockRows block_rows(const T* k, const T* v, int64_t n, int64_t width, int64_t stride, int64_t block_size,
+                               float* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return {k, v, stride};
+  } else {
+    widen_rows(scratch, k, n, width, stride);
+    widen_rows(scratch + block_size * width, v, n, width, stride);
+    return {scratch, scratch + block_size * width, width};
+  }
 }
 
 // A vector's lanes summed down to eight: vec8 as it is, vec16 as its two halves added.

@@ -56,6 +56,23 @@ struct RowLayout {
   static_assert(kVecs * kElems * kLanes == HEAD_DIM, "head_dim must be a multiple of 16 bytes per lane");
 };
 
+constexpr int kUnroll = 4;  // token rows a lane group loads before the first multiply
+
+// A step's kUnroll token rows of `cache` for this lane group (row t at cache + row_of(t)), all
+// loads issued before any is used; rows at or past n are left unloaded.
+template <typename T, typename L, typename RowOf>
+__device__ __forceinline__ void load_rows(Vec<T> (&rows)[kUnroll][L::kVecs], const T* cache, int base, int n,
+                                          int row_in_warp, int row_lane, RowOf row_of) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int t = base + u * L::kTokens + row_in_warp;
+    if (t >= n) continue;
+    const T* row = cache + row_of(t);
+#pragma unroll
+    for (int v = 0; v < L::kVecs; ++v) rows[u][v].load(row + (v * L::kLanes + row_lane) * L::kElems);
+  }
+}
+
 template <int WIDTH>
 __device__ __forceinline__ float group_sum(float x) {  // over WIDTH adjacent lanes (a power of two)
 #pragma unroll
@@ -103,7 +120,7 @@ __global__ void __launch_bounds__(kThreads)
     partition_kernel(T* __restrict__ out, const T* __restrict__ query, const T* __restrict__ k_cache,
                      const T* __restrict__ v_cache, const KernelArgs a) {
   using L = RowLayout<T, HEAD_DIM>;
-  constexpr int kUnroll = 4, kStep = kUnroll * L::kTokens;  // token rows per warp per step
+  constexpr int kStep = kUnroll * L::kTokens;  // token rows per warp per step
   static_assert(kPartition % kStep == 0, "a step never crosses the partition's score buffer");
   constexpr int kShared = GROUP * kPartition > kNumWarps * GROUP * HEAD_DIM ? GROUP * kPartition
                                                                             : kNumWarps * GROUP * HEAD_DIM;
@@ -147,14 +164,7 @@ __global__ void __launch_bounds__(kThreads)
   // so every lane reaches every shuffle; rows past n load nothing and are not stored.
   for (int base = warp * kStep; base < n; base += kNumWarps * kStep) {
     Vec<T> k[kUnroll][L::kVecs];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int t = base + u * L::kTokens + row_in_warp;
-      if (t >= n) continue;
-      const T* row = k_cache + row_of(t);
-#pragma unroll
-      for (int v = 0; v < L::kVecs; ++v) k[u][v].load(row + (v * L::kLanes + row_lane) * L::kElems);
-    }
+    load_rows<T, L>(k, k_cache, base, n, row_in_warp, row_lane, row_of);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = base + u * L::kTokens + row_in_warp;
@@ -201,14 +211,7 @@ __global__ void __launch_bounds__(kThreads)
   float acc[GROUP][L::kVecs][L::kElems] = {};
   for (int base = warp * kStep; base < n; base += kNumWarps * kStep) {
     Vec<T> val[kUnroll][L::kVecs];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int t = base + u * L::kTokens + row_in_warp;
-      if (t >= n) continue;
-      const T* row = v_cache + row_of(t);
-#pragma unroll
-      for (int v = 0; v < L::kVecs; ++v) val[u][v].load(row + (v * L::kLanes + row_lane) * L::kElems);
-    }
+    load_rows<T, L>(val, v_cache, base, n, row_in_warp, row_lane, row_of);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = base + u * L::kTokens + row_in_warp;
