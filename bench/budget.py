@@ -53,6 +53,8 @@ def s1_loop(llm: LLM, prompts: list[list[int]], max_tokens: int, bias: dict, min
     forced_end = list(think.think_end + think.answer_prefix)
     # As the engine does: thinking is cut where the forced end and the minimum answer still fit.
     limit = max_tokens - len(forced_end) - engine.config.min_answer_tokens
+    # The prompts a budgeted request starts from: the engine appends the think opener to them.
+    prompts = [engine._tokenize(p, budgeted=True)[0] for p in prompts]
     outs = [[] for _ in prompts]
     waits = [0] * len(prompts)
     thinking = list(range(len(prompts)))
@@ -78,8 +80,10 @@ def s1_loop(llm: LLM, prompts: list[list[int]], max_tokens: int, bias: dict, min
                     still.append(i)
                 else:
                     outs[i] += forced_end
-            else:  # the model ended thinking (delimiter or EOS): complete the delimiter, then answer
+            elif tokens[-1] == think.think_end[0]:  # the model wrote the delimiter: complete it as written
                 outs[i] += list(think.think_end)
+            else:  # EOS while thinking: the forced end (delimiter + answer prefix), as the engine does
+                outs[i] += forced_end
         thinking = still
     answering = [i for i in range(len(prompts)) if len(outs[i]) < max_tokens]
     if answering:  # the answer phase: one more request each
