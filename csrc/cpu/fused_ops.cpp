@@ -5,6 +5,7 @@
 // rounded to the tensor's dtype where the torch reference (decoder.py) rounds it, so results
 // match it to within fp32 summation order. Each body is compiled for AVX-512, AVX2+FMA and the
 // baseline and picked by cpu_isa() (isa.h), which $S1SERVE_CPU_ISA can force for tests.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -19,18 +20,9 @@
 namespace s1serve {
 namespace {
 
-typedef int32_t vec16i __attribute__((vector_size(64), aligned(4)));
-
-// fp32 leaves values as they are; bf16 rounds them like a bf16 torch op's result (to nearest
-// even, in registers: the low 16 bits of the fp32 pattern rounded away).
+// fp32 leaves values as they are; bf16 rounds them like a bf16 torch op's result.
 S1_INLINE vec16 round16(vec16 v, const float*) { return v; }
-S1_INLINE vec16 round16(vec16 v, const at::BFloat16*) {
-  u32x16 w;
-  std::memcpy(&w, &v, sizeof(w));
-  w = (w + 0x7FFFu + ((w >> 16) & 1u)) & 0xFFFF0000u;
-  std::memcpy(&v, &w, sizeof(v));
-  return v;
-}
+S1_INLINE vec16 round16(vec16 v, const at::BFloat16*) { return round_bf16(v); }
 template <typename T>
 S1_INLINE float round1(float v) {
   return static_cast<float>(static_cast<T>(v));
@@ -138,36 +130,21 @@ S1_INLINE void rope_tokens(T* q, T* k, const T* cos, const T* sin, int64_t begin
   }
 }
 
-// One ISA-dispatched entry per kernel and dtype.
-#define S1_FUSED_KERNELS(T, SUFFIX)                                                                                \
-  S1_ISA_VARIANTS(rms_norm_##SUFFIX,                                                                               \
-                  (T * out, T * residual, const T* x, const T* weight, int64_t b, int64_t e, int64_t dim,          \
-                   int64_t x_stride, float eps),                                                                   \
-                  (out, residual, x, weight, b, e, dim, x_stride, eps),                                            \
-                  rms_norm_rows<T>(out, residual, x, weight, b, e, dim, x_stride, eps);)                           \
-  S1_ISA_VARIANTS(silu_and_mul_##SUFFIX, (T * out, const T* gate_up, int64_t b, int64_t e, int64_t dim, int64_t stride), \
-                  (out, gate_up, b, e, dim, stride), silu_and_mul_rows<T>(out, gate_up, b, e, dim, stride);)      \
-  S1_ISA_VARIANTS(rope_##SUFFIX,                                                                                   \
-                  (T * q, T * k, const T* cos, const T* sin, int64_t b, int64_t e, int64_t qh, int64_t kh,         \
-                   int64_t hd, int64_t qs, int64_t ks),                                                            \
+// One ISA-dispatched entry per kernel, overloaded by dtype.
+#define S1_FUSED_KERNELS(T)                                                                                      \
+  S1_ISA_VARIANTS(rms_norm_task,                                                                                 \
+                  (T * out, T * residual, const T* x, const T* weight, int64_t b, int64_t e, int64_t dim,        \
+                   int64_t x_stride, float eps),                                                                 \
+                  (out, residual, x, weight, b, e, dim, x_stride, eps),                                          \
+                  rms_norm_rows<T>(out, residual, x, weight, b, e, dim, x_stride, eps);)                         \
+  S1_ISA_VARIANTS(silu_and_mul_task, (T * out, const T* gate_up, int64_t b, int64_t e, int64_t dim, int64_t stride), \
+                  (out, gate_up, b, e, dim, stride), silu_and_mul_rows<T>(out, gate_up, b, e, dim, stride);)    \
+  S1_ISA_VARIANTS(rope_task,                                                                                     \
+                  (T * q, T * k, const T* cos, const T* sin, int64_t b, int64_t e, int64_t qh, int64_t kh,       \
+                   int64_t hd, int64_t qs, int64_t ks),                                                          \
                   (q, k, cos, sin, b, e, qh, kh, hd, qs, ks), rope_tokens<T>(q, k, cos, sin, b, e, qh, kh, hd, qs, ks);)
-S1_FUSED_KERNELS(float, f32)
-S1_FUSED_KERNELS(at::BFloat16, bf16)
-
-template <typename T>
-struct Kernels;
-template <>
-struct Kernels<float> {
-  static constexpr auto rms_norm = rms_norm_f32;
-  static constexpr auto silu_and_mul = silu_and_mul_f32;
-  static constexpr auto rope = rope_f32;
-};
-template <>
-struct Kernels<at::BFloat16> {
-  static constexpr auto rms_norm = rms_norm_bf16;
-  static constexpr auto silu_and_mul = silu_and_mul_bf16;
-  static constexpr auto rope = rope_bf16;
-};
+S1_FUSED_KERNELS(float)
+S1_FUSED_KERNELS(at::BFloat16)
 
 constexpr int64_t kRowsPerTask = 16;  // rows of a few hundred elements: smaller tasks cost more than they save
 
@@ -177,14 +154,9 @@ void check_rows(const torch::Tensor& t, const char* name) {
               ": float32 or bfloat16 expected, got ", t.scalar_type());
 }
 
-#define S1_FLOAT_OR_BF16(dtype, ...)                 \
-  if ((dtype) == torch::kFloat) {                    \
-    using scalar_t = float;                          \
-    __VA_ARGS__();                                   \
-  } else {                                           \
-    using scalar_t = at::BFloat16;                   \
-    __VA_ARGS__();                                   \
-  }
+#define S1_DISPATCH_FLOAT_AND_BF16(TYPE, NAME, ...)                        \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
 void rms_norm_impl(torch::Tensor& out, torch::Tensor* residual, const torch::Tensor& x, const torch::Tensor& weight,
                    double eps) {
@@ -197,10 +169,10 @@ void rms_norm_impl(torch::Tensor& out, torch::Tensor* residual, const torch::Ten
   if (residual != nullptr)
     TORCH_CHECK(residual->sizes() == x.sizes() && residual->is_contiguous() && residual->scalar_type() == x.scalar_type(),
                 "residual must be a contiguous tensor shaped like x");
-  S1_FLOAT_OR_BF16(x.scalar_type(), [&] {
+  S1_DISPATCH_FLOAT_AND_BF16(x.scalar_type(), "rms_norm", [&] {
     scalar_t* res = residual == nullptr ? nullptr : residual->data_ptr<scalar_t>();
     at::parallel_for(0, x.size(0), kRowsPerTask, [&](int64_t b, int64_t e) {
-      Kernels<scalar_t>::rms_norm(out.data_ptr<scalar_t>(), res, x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+      rms_norm_task(out.data_ptr<scalar_t>(), res, x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
                                   b, e, x.size(1), x.stride(0), static_cast<float>(eps));
     });
   });
@@ -222,9 +194,9 @@ void silu_and_mul(torch::Tensor out, const torch::Tensor& gate_up) {
   TORCH_CHECK(out.dim() == 2 && out.size(0) == gate_up.size(0) && out.size(1) == dim && out.is_contiguous() &&
                   out.scalar_type() == gate_up.scalar_type(),
               "out must be a contiguous (rows, dim) tensor in gate_up's dtype");
-  S1_FLOAT_OR_BF16(gate_up.scalar_type(), [&] {
+  S1_DISPATCH_FLOAT_AND_BF16(gate_up.scalar_type(), "silu_and_mul", [&] {
     at::parallel_for(0, gate_up.size(0), kRowsPerTask, [&](int64_t b, int64_t e) {
-      Kernels<scalar_t>::silu_and_mul(out.data_ptr<scalar_t>(), gate_up.data_ptr<scalar_t>(), b, e, dim,
+      silu_and_mul_task(out.data_ptr<scalar_t>(), gate_up.data_ptr<scalar_t>(), b, e, dim,
                                       gate_up.stride(0));
     });
   });
@@ -246,9 +218,9 @@ void rotary_embedding(torch::Tensor query, torch::Tensor key, const torch::Tenso
               "query, key, cos and sin must share a dtype");
   TORCH_CHECK(query.scalar_type() == torch::kFloat || query.scalar_type() == torch::kBFloat16,
               "float32 or bfloat16 expected");
-  S1_FLOAT_OR_BF16(query.scalar_type(), [&] {
+  S1_DISPATCH_FLOAT_AND_BF16(query.scalar_type(), "rotary_embedding", [&] {
     at::parallel_for(0, query.size(0), kRowsPerTask, [&](int64_t b, int64_t e) {
-      Kernels<scalar_t>::rope(query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(),
+      rope_task(query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(),
                               sin.data_ptr<scalar_t>(), b, e, query.size(1), key.size(1), head_dim, query.stride(0),
                               key.stride(0));
     });

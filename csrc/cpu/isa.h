@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "vec.h"
+
 namespace s1serve {
 
 enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -51,15 +53,26 @@ inline const char* isa_name(Isa isa) {
 
 // Defines NAME_avx512, NAME_avx2 and NAME_baseline, each with the body given last compiled for
 // its ISA (the always-inline helpers it calls are compiled into it), and NAME, which calls the one
-// cpu_isa() picks. PARAMS and ARGS are parenthesized: the parameter list and the names in it.
-#define S1_ISA_VARIANTS(NAME, PARAMS, ARGS, ...)               \
-  S1_TARGET_AVX512 void NAME##_avx512 PARAMS { __VA_ARGS__ }   \
-  S1_TARGET_AVX2 void NAME##_avx2 PARAMS { __VA_ARGS__ }       \
-  void NAME##_baseline PARAMS { __VA_ARGS__ }                  \
-  void NAME PARAMS {                                           \
-    switch (::s1serve::cpu_isa()) {                            \
-      case ::s1serve::Isa::kAvx512: return NAME##_avx512 ARGS; \
-      case ::s1serve::Isa::kAvx2: return NAME##_avx2 ARGS;     \
-      default: return NAME##_baseline ARGS;                    \
-    }                                                          \
+// cpu_isa() picks. PARAMS and ARGS are parenthesized: the parameter list and the names in it. In
+// the body, `isa_vec` is the widest float vector the ISA holds in one register (vec.h's vec16 on
+// AVX-512, vec8 elsewhere), for kernels templated on the vector type.
+#define S1_ISA_VARIANTS(NAME, PARAMS, ARGS, ...)                                                 \
+  S1_TARGET_AVX512 void NAME##_avx512 PARAMS {                                                   \
+    using isa_vec [[maybe_unused]] = ::s1serve::vec16;                                           \
+    __VA_ARGS__                                                                                  \
+  }                                                                                              \
+  S1_TARGET_AVX2 void NAME##_avx2 PARAMS {                                                       \
+    using isa_vec [[maybe_unused]] = ::s1serve::vec8;                                            \
+    __VA_ARGS__                                                                                  \
+  }                                                                                              \
+  void NAME##_baseline PARAMS {                                                                  \
+    using isa_vec [[maybe_unused]] = ::s1serve::vec8;                                            \
+    __VA_ARGS__                                                                                  \
+  }                                                                                              \
+  void NAME PARAMS {                                                                             \
+    switch (::s1serve::cpu_isa()) {                                                              \
+      case ::s1serve::Isa::kAvx512: return NAME##_avx512 ARGS;                                   \
+      case ::s1serve::Isa::kAvx2: return NAME##_avx2 ARGS;                                       \
+      default: return NAME##_baseline ARGS;                                                      \
+    }                                                                                            \
   }

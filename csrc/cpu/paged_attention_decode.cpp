@@ -181,37 +181,20 @@ S1_INLINE void decode_tasks(const Shape& s, int64_t begin, int64_t end, const T*
   }
 }
 
-// The AVX-512 build runs the dot products on vec16 when head_dim allows; the others on vec8.
-#define S1_DEFINE_TASK_RANGE(T)                                                                                   \
-  S1_TARGET_AVX512 void task_range_avx512(const Shape& s, int64_t b, int64_t e, const T* q_ptr, const T* k_ptr,  \
-                                          const T* v_ptr, T* out_ptr, float* partial, const int64_t* tables,     \
-                                          const int64_t* lens, float scale, float* q, float* acc, float* sc,     \
-                                          float* running, float* kv) {                                            \
-    if (s.head_dim % 16 == 0)                                                                                     \
-      decode_tasks<vec16>(s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc, running, kv); \
-    else                                                                                                          \
-      decode_tasks<vec8>(s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc, running, kv); \
-  }                                                                                                               \
-  S1_TARGET_AVX2 void task_range_avx2(const Shape& s, int64_t b, int64_t e, const T* q_ptr, const T* k_ptr,      \
-                                      const T* v_ptr, T* out_ptr, float* partial, const int64_t* tables,         \
-                                      const int64_t* lens, float scale, float* q, float* acc, float* sc,         \
-                                      float* running, float* kv) {                                                \
-    decode_tasks<vec8>(s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc, running, kv); \
-  }                                                                                                               \
-  void task_range_baseline(const Shape& s, int64_t b, int64_t e, const T* q_ptr, const T* k_ptr, const T* v_ptr, \
-                           T* out_ptr, float* partial, const int64_t* tables, const int64_t* lens, float scale,  \
-                           float* q, float* acc, float* sc, float* running, float* kv) {                          \
-    decode_tasks<vec8>(s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc, running, kv); \
-  }                                                                                                               \
-  void task_range(const Shape& s, int64_t b, int64_t e, const T* q_ptr, const T* k_ptr, const T* v_ptr,          \
-                  T* out_ptr, float* partial, const int64_t* tables, const int64_t* lens, float scale, float* q, \
-                  float* acc, float* sc, float* running, float* kv) {                                            \
-    switch (cpu_isa()) {                                                                                          \
-      case Isa::kAvx512: return task_range_avx512(s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc, running, kv); \
-      case Isa::kAvx2: return task_range_avx2(s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc, running, kv); \
-      default: return task_range_baseline(s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc, running, kv); \
-    }                                                                                                             \
-  }
+// The dot products run on the ISA's widest vector (vec16 on AVX-512) when head_dim is a multiple
+// of its lanes, else on vec8.
+#define S1_DEFINE_TASK_RANGE(T)                                                                                  \
+  S1_ISA_VARIANTS(                                                                                               \
+      task_range,                                                                                                \
+      (const Shape& s, int64_t b, int64_t e, const T* q_ptr, const T* k_ptr, const T* v_ptr, T* out_ptr,         \
+       float* partial, const int64_t* tables, const int64_t* lens, float scale, float* q, float* acc, float* sc, \
+       float* running, float* kv),                                                                               \
+      (s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc, running, kv),            \
+      if (s.head_dim % kLanes<isa_vec> == 0)                                                                     \
+          decode_tasks<isa_vec>(s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc, \
+                                running, kv);                                                                    \
+      else decode_tasks<vec8>(s, b, e, q_ptr, k_ptr, v_ptr, out_ptr, partial, tables, lens, scale, q, acc, sc,   \
+                              running, kv);)
 // One overload per dtype, each compiled per ISA (isa.h).
 S1_DEFINE_TASK_RANGE(float)
 S1_DEFINE_TASK_RANGE(double)

@@ -92,6 +92,7 @@ S1_INLINE float exp_nonpositive(float x) {
 }
 
 typedef int32_t vec8i __attribute__((vector_size(32), aligned(4)));
+typedef int32_t vec16i __attribute__((vector_size(64), aligned(4)));
 
 // Lane-wise mask ? a : b for vec8 or vec16; mask lanes are -1 (take a) or 0 (take b), as a
 // comparison of two vectors gives them.
@@ -155,10 +156,19 @@ S1_INLINE void storev(float* p, V v) {
 S1_INLINE vec16 load16(const float* p) { return loadv<vec16>(p); }
 S1_INLINE vec16 load16(const c10::BFloat16* p) { return load_bf16<vec16>(p); }
 S1_INLINE void store16(float* p, vec16 v) { storev(p, v); }
-S1_INLINE void store16(c10::BFloat16* p, vec16 v) {  // round to nearest even, as c10::BFloat16 does
+// Each lane rounded to the nearest bf16 (ties to even, as c10::BFloat16 rounds), kept as fp32.
+S1_INLINE vec16 round_bf16(vec16 v) {
   u32x16 w;
   std::memcpy(&w, &v, sizeof(w));
-  const u16x16 h = __builtin_convertvector((w + 0x7FFFu + ((w >> 16) & 1u)) >> 16, u16x16);
+  w = (w + 0x7FFFu + ((w >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+S1_INLINE void store16(c10::BFloat16* p, vec16 v) {
+  u32x16 w;
+  const vec16 rounded = round_bf16(v);
+  std::memcpy(&w, &rounded, sizeof(w));
+  const u16x16 h = __builtin_convertvector(w >> 16, u16x16);
   std::memcpy(p, &h, sizeof(h));
 }
 S1_INLINE float hsum16(vec16 v) {

@@ -192,7 +192,7 @@ class ModelRunner:
         return max(1, min(kv_bytes // bytes_per_block, usable))
 
     @torch.inference_mode()
-    def _blocks_for_gpu(self, config: EngineConfig, cfg: ModelConfig, bytes_per_block: int, at_start: "GpuMemory") -> int:
+    def _blocks_for_gpu(self, config: EngineConfig, cfg: ModelConfig, bytes_per_block: int, at_start: GpuMemory) -> int:
         """Runs the largest step the scheduler can send (max_num_batched_tokens as one prefill,
         logits for max_num_seqs rows) with no KV pool yet, and gives the pool what it leaves."""
         torch.cuda.empty_cache()

@@ -17,7 +17,7 @@ from .parallel import Shard
 
 @functools.cache
 def _has_fused_ops(device_type: str) -> bool:
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"s1serve::{op}", device_type.upper())
+    return all(pa.has_csrc_kernel(op, device_type)
                for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding"))
 
 

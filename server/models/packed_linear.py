@@ -16,14 +16,14 @@ memory-bound at one row): the layer keeps both layouts, so its weights take twic
 import torch
 from torch import nn
 
-import server._C  # noqa: F401  (registers torch.ops.s1serve)
+from .paged_attention import has_csrc_kernel
 
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def gemv_available() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("s1serve::linear_gemv", "CPU")
+    return has_csrc_kernel("linear_gemv", "cpu")
 
 
 def onednn_linear_available() -> bool:

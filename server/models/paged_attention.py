@@ -20,6 +20,13 @@ import torch.nn.functional as F
 import server._C
 
 
+def has_csrc_kernel(op: str, device_type: str) -> bool:
+    """Whether csrc registered `torch.ops.s1serve.<op>` for tensors on this device type (the ops
+    are registered per dispatch key: the CPU kernels always, the CUDA ones in CUDA builds)."""
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"s1serve::{op}", key)
+
+
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`. To a GPU it goes through pinned memory without blocking the host
     (the caching host allocator keeps the buffer alive until the copy is done); the CPU keeps it."""
@@ -130,9 +137,7 @@ def attention_backend(device_type: str) -> str:
 
     The csrc ops are registered per dispatch key; a device type with every op built runs them.
     """
-    key = "CUDA" if device_type == "cuda" else "CPU"
-    ops = ("paged_attention_decode", "reshape_and_cache")
-    has_kernels = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"s1serve::{op}", key) for op in ops)
+    has_kernels = all(has_csrc_kernel(op, device_type) for op in ("paged_attention_decode", "reshape_and_cache"))
     return f"csrc-{device_type}" if has_kernels else "torch-reference"
 
 
@@ -216,7 +221,7 @@ def prefill_backend(device_type: str) -> str:
     cached context (figures in the README)."""
     if device_type == "cuda":
         return "flash-attn" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
-    if torch._C._dispatch_has_kernel_for_dispatch_key("s1serve::paged_attention_prefill", "CPU"):
+    if has_csrc_kernel("paged_attention_prefill", "cpu"):
         return "csrc-cpu"
     return "sdpa"
 
