@@ -21,7 +21,7 @@ TORCH_LIBRARY(s1serve, m) {
   m.def("silu_and_mul(Tensor(a!) out, Tensor gate_up) -> ()");
   m.def("rotary_embedding(Tensor(a!) query, Tensor(b!) key, Tensor cos, Tensor sin) -> ()");
   // One row through a linear layer, streaming the row-major weight (CPU decode of one stream).
-  m.def("linear_gemv(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias) -> ()");
+  m.def("linear_few_rows(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias) -> ()");
   // Which vector ISA the CPU kernels run (avx512 | avx2 | baseline; $S1SERVE_CPU_ISA can lower it).
   m.def("cpu_isa() -> str", [] { return std::string(s1serve::isa_name(s1serve::cpu_isa())); });
 }

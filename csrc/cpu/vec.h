@@ -184,6 +184,16 @@ S1_INLINE void widen_rows(float* dst, const T* src, int64_t n, int64_t width, in
     for (int64_t e = 0; e < width; e += 8) store8(dst + t * width + e, load8(src + t * stride + e));
 }
 
+// Asks for n rows of `width` elements, `stride` apart, to be brought into L2 ahead of use: the
+// next cached block lies anywhere in the pool, where the hardware prefetchers do not look, and
+// without this the attention kernels wait on memory at every block boundary.
+template <typename T>
+S1_INLINE void prefetch_rows(const T* src, int64_t n, int64_t width, int64_t stride) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t e = 0; e < width; e += kLine) __builtin_prefetch(src + t * stride + e, 0, 2);
+}
+
 // One cached block's K and V rows as fp32 for the kernels' inner loops: an fp32 cache in place, any
 // other widened once into scratch (2 x block_size x width floats), not once per query head or row.
 struct BlockRows {

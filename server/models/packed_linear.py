@@ -8,9 +8,11 @@ relative), like any change of GEMM kernel or batch size. bf16 weights packed the
 oneDNN's AVX512-BF16 / AMX kernels: on these Sapphire Rapids cores a bf16 engine decodes 1.6x
 faster than fp32 at batch 1 and 1.8x at 32 sequences (torch's own bf16 linear is slower than fp32).
 
-One row (a single stream's decode step) instead streams the plain row-major weight through
-csrc's `linear_gemv`, which reads weights at ~29 GB/s here against oneDNN's ~20 (both are
-memory-bound at one row): the layer keeps both layouts, so its weights take twice the memory.
+A few rows (the decode steps of one to a few streams) instead stream the plain row-major weight
+through csrc's `linear_few_rows`, which reads weights at ~29 GB/s at one row here against
+oneDNN's ~20; it stays ahead up to 8 rows in fp32 and 3 in bf16 (`FEW_ROWS`, measured on the
+default model's layer shapes: `python bench/kernels.py --only linear`), where oneDNN's blocked
+(AMX) kernels take over. The layer keeps both layouts, so its weights take twice the memory.
 """
 
 import torch
@@ -20,10 +22,11 @@ from .paged_attention import has_csrc_kernel
 
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
+FEW_ROWS = {torch.float32: 16, torch.bfloat16: 8}  # the most rows linear_few_rows takes, per dtype
 
 
-def gemv_available() -> bool:
-    return has_csrc_kernel("linear_gemv", "cpu")
+def few_rows_available() -> bool:
+    return has_csrc_kernel("linear_few_rows", "cpu")
 
 
 def onednn_linear_available() -> bool:
@@ -38,13 +41,14 @@ class PackedLinear(nn.Module):
         self.out_features = linear.out_features
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
         self.bias = None if linear.bias is None else linear.bias.detach()
-        self.weight = linear.weight.detach().contiguous() if gemv_available() else None  # for one-row steps
+        self.weight = linear.weight.detach().contiguous() if few_rows_available() else None  # for few-row steps
+        self.few_rows = FEW_ROWS[linear.weight.dtype] if self.weight is not None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] == 1 and self.weight is not None:
-            out = torch.empty(1, self.out_features, dtype=x.dtype)
-            torch.ops.s1serve.linear_gemv(out, rows.contiguous(), self.weight, self.bias)
+        if rows.shape[0] <= self.few_rows:
+            out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
+            torch.ops.s1serve.linear_few_rows(out, rows.contiguous(), self.weight, self.bias)
         else:
             out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
         return out.view(*x.shape[:-1], self.out_features)

@@ -74,27 +74,45 @@ def test_rotary_embedding_in_place_matches_rotate_half(dtype, head_dim):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("in_features,out_features", [(576, 960), (1536, 577), (40, 3), (64, 49)])
+@pytest.mark.parametrize("rows", [1, 5, 13])
 @pytest.mark.parametrize("bias", [False, True])
-def test_one_row_gemv_matches_torch_linear(dtype, in_features, out_features, bias):
+def test_the_few_rows_linear_matches_torch_linear(dtype, in_features, out_features, rows, bias):
     """K a multiple of 32 takes AVX512-BF16's dot product where the CPU has it; 40 takes the
-    widening path; odd row counts exercise the four-row step's tail."""
+    widening path; odd weight-row counts exercise the four-row step's tail, 5 and 13 rows of x
+    the six-row tiles' tails."""
     gen, seed = fresh_generator()
     weight = torch.randn(out_features, in_features, generator=gen).to(dtype)
     b = torch.randn(out_features, generator=gen).to(dtype) if bias else None
-    x = torch.randn(1, in_features, generator=gen).to(dtype)
-    out = torch.empty(1, out_features, dtype=dtype)
-    torch.ops.s1serve.linear_gemv(out, x, weight, b)
+    x = torch.randn(rows, in_features, generator=gen).to(dtype)
+    out = torch.empty(rows, out_features, dtype=dtype)
+    torch.ops.s1serve.linear_few_rows(out, x, weight, b)
     want = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
     assert relative_error(out.double(), want) < {torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype], seed
 
 
-def test_a_packed_linear_takes_the_gemv_for_one_row_and_onednn_for_more():
-    from server.models.packed_linear import PackedLinear
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_row_through_the_few_rows_linear_does_not_depend_on_the_rows_beside_it(dtype):
+    """Each output is summed in one order whatever the number of rows: a sequence decodes the
+    same tokens alone and in a batch of up to FEW_ROWS."""
+    gen, seed = fresh_generator()
+    weight = torch.randn(577, 576, generator=gen).to(dtype)
+    x = torch.randn(13, 576, generator=gen).to(dtype)
+    together = torch.empty(13, 577, dtype=dtype)
+    torch.ops.s1serve.linear_few_rows(together, x, weight, None)
+    for i in (0, 6, 12):
+        alone = torch.empty(1, 577, dtype=dtype)
+        torch.ops.s1serve.linear_few_rows(alone, x[i : i + 1].contiguous(), weight, None)
+        assert torch.equal(alone[0], together[i]), (seed, i)
+
+
+def test_a_packed_linear_takes_the_few_rows_kernel_up_to_its_limit_and_onednn_above():
+    from server.models.packed_linear import FEW_ROWS, PackedLinear
 
     linear = nn.Linear(64, 96)
     packed = PackedLinear(linear, batch_hint=8)
+    assert packed.few_rows == FEW_ROWS[torch.float32]
     with torch.inference_mode():
-        for rows in (1, 5):
+        for rows in (1, 5, packed.few_rows, packed.few_rows + 1, 40):
             x = torch.randn(rows, 64)
             assert relative_error(packed(x), linear(x)) < 1e-6
 
@@ -107,8 +125,8 @@ def test_the_fused_ops_refuse_what_they_do_not_cover():
         torch.ops.s1serve.silu_and_mul(torch.empty(4, 4, dtype=torch.float64), x.double())
     with pytest.raises(RuntimeError, match="side by side"):
         torch.ops.s1serve.silu_and_mul(torch.empty(4, 3), torch.randn(4, 7))
-    with pytest.raises(RuntimeError, match="one contiguous row"):
-        torch.ops.s1serve.linear_gemv(torch.empty(2, 3), torch.randn(2, 8), torch.randn(3, 8), None)
+    with pytest.raises(RuntimeError, match="out must be contiguous"):
+        torch.ops.s1serve.linear_few_rows(torch.empty(1, 3), torch.randn(2, 8), torch.randn(3, 8), None)
 
 
 def test_the_kernels_run_the_best_isa_the_cpu_has():

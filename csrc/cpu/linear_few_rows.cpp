@@ -1,0 +1,200 @@
+// A few rows through a linear layer (out = x W^T + b, x of M rows): decode steps of one to a few
+// dozen streams, where every weight is read once per step and the layer is bound by memory
+// bandwidth, or close to it. oneDNN's packed GEMM reaches ~20 GB/s at one row on these 2-core
+// machines and ~14 GB/s at 13; streaming the row-major weight four rows at a time, each load
+// shared by four rows of x, reaches ~29 GB/s at one row. bf16 weights use AVX512-BF16's
+// dot-product instruction where the CPU has it (bf16 products are exact in fp32, so only the
+// summation order differs from oneDNN's); otherwise they are widened to fp32. Accumulation is fp32
+// throughout, and each output is summed in one order whatever M is: a row's result does not
+// depend on the rows beside it.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define S1_HAVE_DPBF16 1
+#endif
+
+#include "isa.h"
+#include "vec.h"
+
+namespace s1serve {
+namespace {
+
+
+
+constexpr int64_t kRowsPerStep = 4;   // weight rows sharing each load of x
+constexpr int64_t kXRowsPerStep = 6;  // x rows sharing each load of the weight
+constexpr int64_t kRowsPerTask = 32;  // weight rows per parallel task
+
+// Rows [m, m + MR) of x (widened to fp32, ldx floats apart) times weight rows [n, n + R): R * MR
+// sums, each accumulated in the same order whatever MR is, so a row's result does not depend on
+// how many rows share the step.
+template <typename T, int R, int MR>
+S1_INLINE void tile(T* out, int64_t ldo, const float* xf, const T* w, const T* bias, int64_t n, int64_t m,
+                    int64_t K) {
+  const int64_t whole = K / 16 * 16;
+  vec16 acc[R][MR] = {};
+  for (int64_t k = 0; k < whole; k += 16) {
+    vec16 wv[R];
+    for (int r = 0; r < R; ++r) {
+      wv[r] = load16(w + (n + r) * K + k);
+      __builtin_prefetch(w + (n + 2 * R + r) * K + k, 0, 2);  // the next rows' line: memory overlaps the FMAs
+    }
+    for (int i = 0; i < MR; ++i) {
+      const vec16 xv = load16(xf + (m + i) * K + k);
+      for (int r = 0; r < R; ++r) acc[r][i] += wv[r] * xv;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MR; ++i) {
+      float s = hsum16(acc[r][i]);
+      for (int64_t k = whole; k < K; ++k) s += static_cast<float>(w[(n + r) * K + k]) * xf[(m + i) * K + k];
+      out[(m + i) * ldo + n + r] = static_cast<T>(bias == nullptr ? s : s + static_cast<float>(bias[n + r]));
+    }
+}
+
+// Weight rows [n, n + R) against every x row, kXRowsPerStep at a time: the R weight rows come from
+// memory once and from L1 for the other x rows.
+template <typename T, int R>
+S1_INLINE void weight_rows(T* out, int64_t ldo, const float* xf, const T* w, const T* bias, int64_t n, int64_t M,
+                           int64_t K) {
+  int64_t m = 0;
+  for (; m + kXRowsPerStep <= M; m += kXRowsPerStep) tile<T, R, kXRowsPerStep>(out, ldo, xf, w, bias, n, m, K);
+  switch (M - m) {
+    case 5: tile<T, R, 5>(out, ldo, xf, w, bias, n, m, K); break;
+    case 4: tile<T, R, 4>(out, ldo, xf, w, bias, n, m, K); break;
+    case 3: tile<T, R, 3>(out, ldo, xf, w, bias, n, m, K); break;
+    case 2: tile<T, R, 2>(out, ldo, xf, w, bias, n, m, K); break;
+    case 1: tile<T, R, 1>(out, ldo, xf, w, bias, n, m, K); break;
+    default: break;
+  }
+}
+
+// Output columns [n_begin, n_end) of out = x W^T + bias for all M rows of x.
+template <typename T>
+S1_INLINE void linear_task_body(T* out, const float* xf, const T* w, const T* bias, int64_t M, int64_t N,
+                                int64_t n_begin, int64_t n_end, int64_t K) {
+  int64_t n = n_begin;
+  for (; n + kRowsPerStep <= n_end; n += kRowsPerStep) weight_rows<T, kRowsPerStep>(out, N, xf, w, bias, n, M, K);
+  for (; n < n_end; ++n) weight_rows<T, 1>(out, N, xf, w, bias, n, M, K);
+}
+
+#define S1_DEFINE_LINEAR_TASK(T)                                                                             \
+  S1_ISA_VARIANTS(linear_task,                                                                               \
+                  (T * out, const float* xf, const T* w, const T* bias, int64_t M, int64_t N, int64_t b,     \
+                   int64_t e, int64_t K),                                                                    \
+                  (out, xf, w, bias, M, N, b, e, K), linear_task_body<T>(out, xf, w, bias, M, N, b, e, K);)
+S1_DEFINE_LINEAR_TASK(float)
+S1_DEFINE_LINEAR_TASK(at::BFloat16)
+
+#ifdef S1_HAVE_DPBF16
+#define S1_TARGET_DPBF16 __attribute__((target("arch=x86-64-v4,avx512bf16")))
+
+// As tile(), with VDPBF16PS: 32 bf16 products per instruction, x kept in bf16 (it is the model's
+// bf16 activation). K must be a multiple of 32 (checked by the caller).
+template <int R, int MR>
+S1_TARGET_DPBF16 S1_INLINE void tile_dpbf16(at::BFloat16* out, int64_t ldo, const at::BFloat16* x,
+                                            const at::BFloat16* w, const at::BFloat16* bias, int64_t n, int64_t m,
+                                            int64_t K) {
+  __m512 acc[R][MR];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MR; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512bh wv[R];
+    for (int r = 0; r < R; ++r) {
+      wv[r] = (__m512bh)_mm512_loadu_si512(w + (n + r) * K + k);
+      __builtin_prefetch(w + (n + 2 * R + r) * K + k, 0, 2);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (m + i) * K + k);
+      for (int r = 0; r < R; ++r) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], wv[r], xv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MR; ++i) {
+      const float s = _mm512_reduce_add_ps(acc[r][i]);
+      out[(m + i) * ldo + n + r] = static_cast<at::BFloat16>(bias == nullptr ? s : s + static_cast<float>(bias[n + r]));
+    }
+}
+
+template <int R>
+S1_TARGET_DPBF16 S1_INLINE void weight_rows_dpbf16(at::BFloat16* out, int64_t ldo, const at::BFloat16* x,
+                                                   const at::BFloat16* w, const at::BFloat16* bias, int64_t n,
+                                                   int64_t M, int64_t K) {
+  int64_t m = 0;
+  for (; m + kXRowsPerStep <= M; m += kXRowsPerStep) tile_dpbf16<R, kXRowsPerStep>(out, ldo, x, w, bias, n, m, K);
+  switch (M - m) {
+    case 5: tile_dpbf16<R, 5>(out, ldo, x, w, bias, n, m, K); break;
+    case 4: tile_dpbf16<R, 4>(out, ldo, x, w, bias, n, m, K); break;
+    case 3: tile_dpbf16<R, 3>(out, ldo, x, w, bias, n, m, K); break;
+    case 2: tile_dpbf16<R, 2>(out, ldo, x, w, bias, n, m, K); break;
+    case 1: tile_dpbf16<R, 1>(out, ldo, x, w, bias, n, m, K); break;
+    default: break;
+  }
+}
+
+S1_TARGET_DPBF16 void linear_task_dpbf16(at::BFloat16* out, const at::BFloat16* x, const at::BFloat16* w,
+                                         const at::BFloat16* bias, int64_t M, int64_t N, int64_t n_begin,
+                                         int64_t n_end, int64_t K) {
+  int64_t n = n_begin;
+  for (; n + kRowsPerStep <= n_end; n += kRowsPerStep) weight_rows_dpbf16<kRowsPerStep>(out, N, x, w, bias, n, M, K);
+  for (; n < n_end; ++n) weight_rows_dpbf16<1>(out, N, x, w, bias, n, M, K);
+}
+
+bool cpu_has_dpbf16() {
+  static const bool has = cpu_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+#endif
+
+void linear_few_rows(torch::Tensor out, const torch::Tensor& x, const torch::Tensor& weight,
+                     const std::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.is_contiguous(), "x must be contiguous rows (M, in_features)");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x.size(1),
+              "weight must be a contiguous (out_features, in_features) matrix matching x");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() &&
+                  (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
+              "x and weight must both be float32 or both bfloat16");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == weight.size(0) && out.is_contiguous() &&
+                  out.scalar_type() == x.scalar_type(),
+              "out must be contiguous (M, out_features) in x's dtype");
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->is_contiguous() &&
+                    bias->scalar_type() == x.scalar_type(),
+                "bias must be (out_features,) in x's dtype");
+  const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1);
+  if (x.scalar_type() == torch::kFloat) {
+    const float* xf = x.data_ptr<float>();
+    const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+    at::parallel_for(0, N, kRowsPerTask, [&](int64_t begin, int64_t end) {
+      linear_task(out.data_ptr<float>(), xf, weight.data_ptr<float>(), b, M, N, begin, end, K);
+    });
+    return;
+  }
+  const at::BFloat16* b = bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr;
+#ifdef S1_HAVE_DPBF16
+  if (cpu_has_dpbf16() && K % 32 == 0) {
+    at::parallel_for(0, N, kRowsPerTask, [&](int64_t begin, int64_t end) {
+      linear_task_dpbf16(out.data_ptr<at::BFloat16>(), x.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), b,
+                         M, N, begin, end, K);
+    });
+    return;
+  }
+#endif
+  const torch::Tensor xf = x.to(torch::kFloat);
+  at::parallel_for(0, N, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    linear_task(out.data_ptr<at::BFloat16>(), xf.data_ptr<float>(), weight.data_ptr<at::BFloat16>(), b, M, N, begin,
+                end, K);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(s1serve, CPU, m) { m.impl("linear_few_rows", &linear_few_rows); }
+
+}  // namespace s1serve
