@@ -11,9 +11,18 @@ the engine runs: whole prompts with nothing cached (SDPA reads the new K/V direc
 chunks after a long cached context (prefix-cache hits, chunked prefill, and the tokens budget
 forcing inserts; SDPA gathers the context and masks). The engine's CPU prefill uses the faster.
 
+Linear: the default model's linear layers (30 layers' qkv, o, gate_up and down, and the LM
+head; separate weights per layer, so nothing is served from cache) at 1-32 rows and at 512 (a
+prefill chunk), fp32 and bf16: csrc's `linear_few_rows`, torch's weight-only int4 kernel of
+`--quantization int4` (groups of 32) and its int8 one (per-channel scales), each against oneDNN's
+packed GEMM on the plain weights (the quantized kernels in bf16 only: with fp32 activations they
+measured 4-130x slower than oneDNN here). Where they win is FEW_ROWS and INT4_ROWS in
+server/models/packed_linear.py.
+
     python bench/kernels.py                         # SmolLM2-135M's attention shape
     python bench/kernels.py --num-seqs 64 --context 512 --heads 9 --kv-heads 3 --head-dim 64
     python bench/kernels.py --num-seqs 1 --context 32768 --only decode  # one long thought: split context
+    python bench/kernels.py --only linear
 """
 
 import argparse
@@ -24,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from results_io import save
 
+from server.models.int4 import Int4Weight, quantize_int4
+from server.models.packed_linear import FEW_ROWS
 from server.models.paged_attention import (
     PrefillMetadata,
     paged_attention_decode,
@@ -55,14 +66,59 @@ def main() -> None:
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--prefill-seqs", type=int, default=8, help="sequences per prefill batch")
     parser.add_argument("--chunk", type=int, default=8, help="query tokens per chunk after a cached context")
-    parser.add_argument("--only", choices=["decode", "prefill"], help="run one of the two")
+    parser.add_argument("--only", choices=["decode", "prefill", "linear"], help="run one of the three")
     args = parser.parse_args()
     result = {"shape": vars(args)}
-    if args.only != "prefill":
-        result["decode"] = bench_decode(args)
-    if args.only != "decode":
-        result["prefill"] = bench_prefill(args)
+    for name, bench in (("decode", bench_decode), ("prefill", bench_prefill), ("linear", bench_linear)):
+        if args.only in (None, name):
+            result[name] = bench(args)
     save("kernels", result, args.out_dir)
+
+
+# SmolLM2-135M: hidden 576, 9 + 3 + 3 heads of 64 (qkv 960), MLP 1536 (gate_up 3072), vocab 49152.
+LINEAR_SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)] * 30 + [(576, 49152)]
+
+
+def bench_linear(args) -> dict:
+    """Milliseconds for one step's linears (all 121) per row count, per dtype and kernel."""
+    gen = torch.Generator().manual_seed(2)
+    result = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        layers = [torch.nn.Linear(k, n, bias=False) for k, n in LINEAR_SHAPES]
+        for layer in layers:
+            layer.weight.data = torch.randn(layer.out_features, layer.in_features, generator=gen).div_(24).to(dtype)
+        plain = [layer.weight.data for layer in layers]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in plain]
+        int4 = [Int4Weight(*quantize_int4(w), dtype) for w in plain] if dtype == torch.bfloat16 else []
+        int8 = []
+        for w in plain if dtype == torch.bfloat16 else []:  # symmetric, one scale per output channel
+            scale = w.float().abs().amax(dim=1) / 127
+            int8.append(((w.float() / scale[:, None]).round().to(torch.int8), scale.to(dtype)))
+        rows_table = {}
+        for rows in (1, 2, 4, 8, 12, 16, 24, 32, 512):
+            xs = [torch.randn(rows, k, generator=gen).to(dtype) for k, _ in LINEAR_SHAPES]
+            outs = [torch.empty(rows, n, dtype=dtype) for _, n in LINEAR_SHAPES]
+
+            def few_rows():
+                for x, w, o in zip(xs, plain, outs):
+                    torch.ops.s1serve.linear_few_rows(o, x, w, None)
+
+            def onednn():
+                for x, p in zip(xs, packed):
+                    torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+
+            kernels = {"onednn": onednn}
+            if dtype == torch.bfloat16:
+                kernels["int4"] = lambda: [w.matmul(x) for w, x in zip(int4, xs)]
+                kernels["int8"] = lambda: [torch.ops.aten._weight_int8pack_mm(x, q, s) for (q, s), x in zip(int8, xs)]
+            if rows <= 32:
+                kernels["linear_few_rows"] = few_rows
+            ms = {name: 1e3 * median_seconds(fn, max(3, args.repeats // 4)) for name, fn in kernels.items()}
+            rows_table[rows] = {"ms": ms, "vs_onednn": {k: ms["onednn"] / v for k, v in ms.items() if k != "onednn"}}
+            print(f"linear {str(dtype).removeprefix('torch.'):8s} rows {rows:3d}: "
+                  + "  ".join(f"{k} {v:7.2f} ms" for k, v in ms.items()), flush=True)
+        result[str(dtype).removeprefix("torch.")] = {"few_rows_limit": FEW_ROWS[dtype], "rows": rows_table}
+    return result
 
 
 def bench_decode(args) -> dict:

@@ -2,7 +2,7 @@
 each engine's own virtual environment, so it imports nothing from this repository except when
 the engine is s1serve.
 
-    python -P bench/peer_run.py ENGINE MODEL WORKLOAD.json   # ENGINE: s1serve-<dtype> | vllm-<dtype> | llama.cpp
+    python -P bench/peer_run.py ENGINE MODEL WORKLOAD.json   # ENGINE: s1serve-<dtype|int4> | vllm-<dtype> | llama.cpp
 """
 
 import json
@@ -13,7 +13,8 @@ import time
 def s1serve(model: str, dtype: str):
     from server.engine import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype, max_num_seqs=64)
+    quantized = dtype == "int4"  # bf16 activations over 4-bit weights
+    llm = LLM(model, dtype="bfloat16" if quantized else dtype, quantization="int4" if quantized else None, max_num_seqs=64)
 
     def run(prompts, max_tokens):
         outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens])

@@ -4,7 +4,8 @@ own virtual environment under --work (created and installed when missing), the s
 
 llama.cpp reads GGUF: F32 / F16 / BF16 conversions of the embedded model's weights (llama.cpp's own
 convert_hf_to_gguf.py from the llama-cpp-python sdist, which needs `pip install sentencepiece` here)
-and the Q4_1 GGUF the model ships as.
+and the Q4_1 GGUF the model ships as, against which s1serve runs `--quantization int4` (the same
+4-bit values: server/models/int4.py).
 Workload (bench/throughput.py's): --num-requests token-id prompts and outputs of U[16, 512]
 tokens, greedy, EOS ignored; plus one stream's ms per token (--stream-tokens after a short prompt),
 time to first token of a 512-token prompt, and peak RSS. Engines alternate over --reps rounds;
@@ -133,6 +134,7 @@ def main() -> None:
     llama_python = venv(work, "llama-cpp", LLAMA, env={"CMAKE_ARGS": LLAMA_CMAKE, "PATH": "/usr/bin:/bin"})
     gguf = ggufs(work, model)
     engines = {"s1serve-float32": (sys.executable, model), "s1serve-bfloat16": (sys.executable, model),
+               "s1serve-int4": (sys.executable, model),
                "vllm-float32": (vllm_python, model), "vllm-bfloat16": (vllm_python, model),
                **{f"llama.cpp-{k}": (llama_python, str(p)) for k, p in gguf.items()}}
     engines = {k: v for k, v in engines.items() if k not in args.skip}

@@ -18,7 +18,8 @@ class EngineConfig:
     long_prefill_token_threshold: int = 512  # a prompt's tokens per step at most (0: no cap): short requests go beside it
     max_model_len: int | None = None  # prompt + output; None = the model's max_position_embeddings
     enable_prefix_caching: bool = True
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto = float32 on CPU, the checkpoint's on CUDA
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto = bf16 on a CPU with native bf16 (else fp32), the checkpoint's on CUDA
+    quantization: str | None = None  # int4: 4-bit weights (groups of 32) for the decode steps; CPU, bf16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # seeds requests that carry no seed of their own
     think_template: str | ThinkTemplate = "auto"  # s1 | r1 | qwen3 | auto (from the tokenizer) | a ThinkTemplate
@@ -47,3 +48,5 @@ class EngineConfig:
             raise InvalidConfigError(f"think_template must be auto, {', '.join(THINK_TEMPLATES)}, got {self.think_template!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InvalidConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantization not in (None, "int4"):
+            raise InvalidConfigError(f"quantization must be int4 (or unset), got {self.quantization!r}")

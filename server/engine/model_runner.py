@@ -55,7 +55,7 @@ def available_memory(device: torch.device) -> int:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 / AMX, where oneDNN's bf16 kernels (and csrc's linear_gemv) run natively."""
+    """AVX512-BF16 / AMX, where oneDNN's bf16 kernels (and csrc's linear_few_rows) run natively."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -116,6 +116,11 @@ class ModelRunner:
         self.shard.check(model_config)  # a size the heads do not split: refused before any process starts
         self.device = rank_device(resolve_device(config.device), rank)
         self.dtype = resolve_dtype(config.dtype, model_config, self.device)
+        if config.quantization and (self.device.type != "cpu" or self.dtype != torch.bfloat16 or not onednn_linear_available()):
+            raise InvalidConfigError(
+                f"quantization: {config.quantization} runs on the CPU in bfloat16 (torch's int4 kernel), here the"
+                f" engine runs {self.device.type} in {str(self.dtype).removeprefix('torch.')}; drop --quantization"
+                " or pass --device cpu --dtype bfloat16")
         heads = (self.shard.heads(model_config), self.shard.kv_heads(model_config), model_config.head_dim)
         if attention_backend(self.device.type) == "csrc-cuda" and not cuda_decode_supported(*heads):
             raise UnsupportedModelError(
@@ -140,8 +145,8 @@ class ModelRunner:
             self.workers = Workers(model_dir, worker_config(config, self.num_blocks), model_config)
         self.model = load_model(model_dir, self.dtype, self.device, self.shard)
         # fp32 / bf16 on the CPU: oneDNN with weights packed once (pack_linears picks those layers); else torch's GEMM.
-        packed = onednn_linear_available() and pack_linears(self.model, config.max_num_seqs)
-        self.linear_backend = "onednn-packed" if packed else "torch"
+        packed = onednn_linear_available() and pack_linears(self.model, config.max_num_seqs, config.quantization)
+        self.linear_backend = ("onednn-packed" if packed else "torch") + (f" + {config.quantization}" if config.quantization else "")
         if profile:
             self.num_blocks = self._blocks_for_gpu(config, cfg, bytes_per_block, at_start)
         # (k/v, layer, block, slot in block, kv head, head_dim)

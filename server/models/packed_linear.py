@@ -13,16 +13,22 @@ through csrc's `linear_few_rows`, which reads weights at ~29 GB/s at one row her
 oneDNN's ~20; it stays ahead up to 8 rows in fp32 and 3 in bf16 (`FEW_ROWS`, measured on the
 default model's layer shapes: `python bench/kernels.py --only linear`), where oneDNN's blocked
 (AMX) kernels take over. The layer keeps both layouts, so its weights take twice the memory.
+
+With `--quantization int4` (bf16 only) a step of up to INT4_ROWS rows runs on 4-bit weights
+(int4.py) and larger ones on oneDNN over their dequantization; no plain copy is kept.
 """
 
 import torch
 from torch import nn
 
+from .int4 import Int4Weight, dequantize_int4, int4_supported, quantize_int4
 from .paged_attention import has_csrc_kernel
 
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 FEW_ROWS = {torch.float32: 16, torch.bfloat16: 8}  # the most rows linear_few_rows takes, per dtype
+INT4_ROWS = 4  # the most rows the int4 kernel takes (it is slower than oneDNN's bf16 from about 8)
+QUANTIZATIONS = ("int4",)
 
 
 def few_rows_available() -> bool:
@@ -34,19 +40,30 @@ def onednn_linear_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """Drop-in for an fp32 `nn.Linear` at inference; holds only the packed weight (and bias)."""
+    """Drop-in for an fp32 or bf16 `nn.Linear` at inference: the weight packed for oneDNN, and the
+    plain weight for few-row steps or (int4) its 4-bit form."""
 
-    def __init__(self, linear: nn.Linear, batch_hint: int):
+    def __init__(self, linear: nn.Linear, batch_hint: int, int4: bool = False):
         super().__init__()
         self.out_features = linear.out_features
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+        weight = linear.weight.detach()
+        self.int4, self.weight, self.few_rows = None, None, 0
+        if int4:
+            q, scale, zero = quantize_int4(weight)
+            self.int4 = Int4Weight(q, scale, zero, weight.dtype)
+            weight = dequantize_int4(q, scale, zero).to(weight.dtype)
+        elif few_rows_available():
+            self.weight, self.few_rows = weight.contiguous(), FEW_ROWS[weight.dtype]
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         self.bias = None if linear.bias is None else linear.bias.detach()
-        self.weight = linear.weight.detach().contiguous() if few_rows_available() else None  # for few-row steps
-        self.few_rows = FEW_ROWS[linear.weight.dtype] if self.weight is not None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] <= self.few_rows:
+        if self.int4 is not None and rows.shape[0] <= INT4_ROWS:
+            out = self.int4.matmul(rows.contiguous())
+            if self.bias is not None:
+                out += self.bias
+        elif rows.shape[0] <= self.few_rows:
             out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
             torch.ops.s1serve.linear_few_rows(out, rows.contiguous(), self.weight, self.bias)
         else:
@@ -54,12 +71,18 @@ class PackedLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def pack_linears(model: nn.Module, batch_hint: int) -> int:
-    """Replaces every fp32 or bf16 CPU `nn.Linear` in `model` with a `PackedLinear`; returns how many."""
+def pack_linears(model: nn.Module, batch_hint: int, quantization: str | None = None) -> int:
+    """Replaces every fp32 or bf16 CPU `nn.Linear` in `model` with a `PackedLinear`, with int4
+    weights where `quantization` is int4 and the kernel takes the shape, except the LM head: as in
+    llama.cpp's 4-bit files (the default model's keeps its tied embedding/output matrix at 8 bits),
+    the logits stay at the model's precision, where 4 bits measurably changed greedy answers.
+    Returns how many layers were replaced."""
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.weight.device.type == "cpu" and child.weight.dtype in PACKED_DTYPES:
-                setattr(parent, name, PackedLinear(child, batch_hint))
+                int4 = (quantization == "int4" and name != "lm_head"
+                        and int4_supported(child.out_features, child.in_features))
+                setattr(parent, name, PackedLinear(child, batch_hint, int4=int4))
                 replaced += 1
     return replaced
