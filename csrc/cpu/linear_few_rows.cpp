@@ -25,13 +25,11 @@
 namespace s1serve {
 namespace {
 
-
-
 constexpr int64_t kRowsPerStep = 4;   // weight rows sharing each load of x
 constexpr int64_t kXRowsPerStep = 6;  // x rows sharing each load of the weight
 constexpr int64_t kRowsPerTask = 32;  // weight rows per parallel task
 
-// Rows [m, m + MR) of x (widened to fp32, ldx floats apart) times weight rows [n, n + R): R * MR
+// Rows [m, m + MR) of x (widened to fp32, K floats apart) times weight rows [n, n + R): R * MR
 // sums, each accumulated in the same order whatever MR is, so a row's result does not depend on
 // how many rows share the step.
 template <typename T, int R, int MR>

@@ -28,7 +28,7 @@ from .config import EngineConfig
 from .sampler import Sample, Sampler
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
-from .tensor_parallel import StepInputs, WorkerFailure, Workers, rank_device, worker_config
+from .tensor_parallel import StepInputs, WorkerFailure, Workers, rank_device, smallest_across_ranks, worker_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -131,24 +131,23 @@ class ModelRunner:
         # Each rank's pool holds its own KV heads; all ranks have the same number of blocks.
         kv_shape = (config.block_size, self.shard.kv_heads(cfg), cfg.head_dim)
         bytes_per_block = 2 * cfg.num_hidden_layers * kv_shape[0] * kv_shape[1] * kv_shape[2] * self.dtype.itemsize
-        # On one GPU with no explicit pool size, the pool is what a profiling forward leaves of
-        # gpu_memory_utilization; tensor-parallel ranks must agree on a size before they load, so
-        # they (and the CPU) size it from kv_cache_gib.
-        profile = (self.device.type == "cuda" and self.shard.size == 1 and config.num_kv_blocks is None
-                   and config.kv_cache_gib is None)
+        # On GPUs with no explicit pool size, the pool is what a profiling forward leaves of
+        # gpu_memory_utilization; tensor-parallel ranks each run it (together: the forward's
+        # all-reduces) and take the smallest pool any of them fits. The CPU sizes from kv_cache_gib.
+        profile = self.device.type == "cuda" and config.num_kv_blocks is None and config.kv_cache_gib is None
         at_start = gpu_memory(self.device) if profile else None
         self.num_blocks = config.num_kv_blocks or (0 if profile else self._blocks_for_memory(config, cfg, bytes_per_block))
         if rank == 0 and not profile:
             self._check_memory(model_dir, config, self.num_blocks * bytes_per_block)  # before anything is allocated
         self.workers = None
         if rank == 0 and self.shard.size > 1:  # they load their shards while this rank loads its own
-            self.workers = Workers(model_dir, worker_config(config, self.num_blocks), model_config)
+            self.workers = Workers(model_dir, worker_config(config, None if profile else self.num_blocks), model_config)
         self.model = load_model(model_dir, self.dtype, self.device, self.shard)
         # fp32 / bf16 on the CPU: oneDNN with weights packed once (pack_linears picks those layers); else torch's GEMM.
         packed = onednn_linear_available() and pack_linears(self.model, config.max_num_seqs, config.quantization)
         self.linear_backend = ("onednn-packed" if packed else "torch") + (f" + {config.quantization}" if config.quantization else "")
         if profile:
-            self.num_blocks = self._blocks_for_gpu(config, cfg, bytes_per_block, at_start)
+            self.num_blocks = smallest_across_ranks(self._blocks_for_gpu(config, cfg, bytes_per_block, at_start), self.device)
         # (k/v, layer, block, slot in block, kv head, head_dim)
         self.kv_cache = torch.zeros(
             (2, cfg.num_hidden_layers, self.num_blocks, *kv_shape), dtype=self.dtype, device=self.device

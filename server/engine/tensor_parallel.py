@@ -135,9 +135,20 @@ class Workers:
             dist.destroy_process_group()
 
 
-def worker_config(config, num_blocks: int):
-    """What the workers run with: rank 0's config with its KV pool size, so every pool matches."""
+def worker_config(config, num_blocks: int | None):
+    """What the workers run with: rank 0's config with its KV pool size, so every pool matches, or
+    (None) with no size, when every rank profiles its GPU and they agree on one."""
     return replace(config, num_kv_blocks=num_blocks)
+
+
+def smallest_across_ranks(value: int, device: torch.device) -> int:
+    """The smallest of every rank's `value` (each rank calls this with its own): the KV pool size
+    that fits on every GPU. Alone (no process group), `value` itself."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    held = torch.tensor([value], dtype=torch.long, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(held, op=dist.ReduceOp.MIN)
+    return int(held.item())
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:

@@ -1,6 +1,7 @@
 """Tensor parallelism on the CPU over gloo: a 2-rank engine (and a 4-rank one, whose ranks share
 KV heads) produces the 1-rank engine's greedy output token for token, whatever the batch holds."""
 
+import torch
 import pytest
 
 from server.engine import LLM, SamplingParams, ThinkBudget
@@ -65,3 +66,44 @@ def test_two_ranks_on_nccl_equal_one_gpu(llama_dir):
         assert generate(sharded, prompts, budgets) == expected
     finally:
         sharded.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
+                    reason="needs two CUDA devices")
+def test_two_ranks_with_no_pool_size_profile_their_gpus_and_serve(llama_dir):
+    config = {k: v for k, v in CONFIG.items() if k not in ("num_kv_blocks", "kv_cache_gib")}
+    sharded = LLM(llama_dir, device="cuda", tensor_parallel_size=2, **config)
+    try:
+        assert sharded.engine.runner.num_blocks > 0
+        out = sharded.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        assert len(out[0].token_ids) == 8
+    finally:
+        sharded.shutdown()
+
+
+def _smallest_on_rank(rank: int, address: str, values: list[int], results) -> None:
+    from server.engine.tensor_parallel import init_group, smallest_across_ranks
+
+    init_group(rank, len(values), address, "gloo")
+    results[rank] = smallest_across_ranks(values[rank], torch.device("cpu"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_that_profile_different_free_memory_agree_on_the_smallest_pool():
+    """With gpu_memory_utilization each GPU's profiling forward leaves its own pool size; the
+    ranks must all allocate the one that fits on every GPU (here over gloo, as the CPU runs it)."""
+    import multiprocessing
+
+    from server.engine.tensor_parallel import free_port, smallest_across_ranks
+
+    assert smallest_across_ranks(1234, torch.device("cpu")) == 1234  # alone: its own
+    context = multiprocessing.get_context("spawn")
+    values, results = [5120, 4096, 4800], context.Manager().dict()
+    address = f"tcp://127.0.0.1:{free_port()}"
+    ranks = [context.Process(target=_smallest_on_rank, args=(r, address, values, results)) for r in range(3)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(120)
+    assert dict(results) == {0: 4096, 1: 4096, 2: 4096}
