@@ -69,13 +69,13 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
   for (int64_t b = block_begin; b < num_blocks; ++b) {
     const int64_t n = std::min(bs, ctx - b * bs);
     const int64_t base = table[b] * s.block_stride + kv_begin * s.head_dim;
-    if (b + 1 < num_blocks) {  // the next block, while this one is computed
-      const int64_t next = table[b + 1] * s.block_stride + kv_begin * s.head_dim, rows = std::min(bs, ctx - (b + 1) * bs);
-      prefetch_rows(k_ptr + next, rows, width, s.slot_stride);
-      prefetch_rows(v_ptr + next, rows, width, s.slot_stride);
+    NextBlock<scalar_t> next;
+    if (b + 1 < num_blocks) {
+      const int64_t at = table[b + 1] * s.block_stride + kv_begin * s.head_dim;
+      next = {k_ptr + at, v_ptr + at, std::min(bs, ctx - (b + 1) * bs)};
     }
     // (the bf16 conversion, done per query head of the group, was what bounded bf16 decode)
-    const BlockRows rows = block_rows(k_ptr + base, v_ptr + base, n, width, s.slot_stride, bs, kv_f32);
+    const BlockRows rows = block_rows(k_ptr + base, v_ptr + base, n, width, s.slot_stride, bs, kv_f32, next);
     const float* k_rows = rows.k;
     const float* v_rows = rows.v;
     const int64_t row_stride = rows.stride;

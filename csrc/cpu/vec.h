@@ -177,13 +177,6 @@ S1_INLINE float hsum16(vec16 v) {
   return s;
 }
 
-// n rows of `width` elements (a multiple of 8), `stride` apart in src, widened to fp32 rows packed in dst.
-template <typename T>
-S1_INLINE void widen_rows(float* dst, const T* src, int64_t n, int64_t width, int64_t stride) {
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t e = 0; e < width; e += 8) store8(dst + t * width + e, load8(src + t * stride + e));
-}
-
 // Asks for n rows of `width` elements, `stride` apart, to be brought into L2 ahead of use: the
 // next cached block lies anywhere in the pool, where the hardware prefetchers do not look, and
 // without this the attention kernels wait on memory at every block boundary.
@@ -194,8 +187,29 @@ S1_INLINE void prefetch_rows(const T* src, int64_t n, int64_t width, int64_t str
     for (int64_t e = 0; e < width; e += kLine) __builtin_prefetch(src + t * stride + e, 0, 2);
 }
 
+// The block whose rows to request while this one is read (its first `n` rows; none when n is 0).
+template <typename T>
+struct NextBlock {
+  const T* k = nullptr;
+  const T* v = nullptr;
+  int64_t n = 0;
+};
+
+// n rows of `width` elements (a multiple of 8), `stride` apart in src, widened to fp32 rows packed
+// in dst; row t of `ahead` is requested beside row t, so the requests trickle out with the work
+// instead of queueing up at once.
+template <typename T>
+S1_INLINE void widen_rows(float* dst, const T* src, int64_t n, int64_t width, int64_t stride, const T* ahead,
+                          int64_t ahead_n) {
+  for (int64_t t = 0; t < n; ++t) {
+    if (t < ahead_n) prefetch_rows(ahead + t * stride, 1, width, stride);
+    for (int64_t e = 0; e < width; e += 8) store8(dst + t * width + e, load8(src + t * stride + e));
+  }
+}
+
 // One cached block's K and V rows as fp32 for the kernels' inner loops: an fp32 cache in place, any
 // other widened once into scratch (2 x block_size x width floats), not once per query head or row.
+// The next block's rows are requested meanwhile.
 struct BlockRows {
   const float* k;
   const float* v;
@@ -203,12 +217,14 @@ struct BlockRows {
 };
 template <typename T>
 S1_INLINE BlockRows block_rows(const T* k, const T* v, int64_t n, int64_t width, int64_t stride, int64_t block_size,
-                               float* scratch) {
+                               float* scratch, NextBlock<T> next = {}) {
   if constexpr (std::is_same_v<T, float>) {
+    prefetch_rows(next.k, next.n, width, stride);
+    prefetch_rows(next.v, next.n, width, stride);
     return {k, v, stride};
   } else {
-    widen_rows(scratch, k, n, width, stride);
-    widen_rows(scratch + block_size * width, v, n, width, stride);
+    widen_rows(scratch, k, n, width, stride, next.k, next.n);
+    widen_rows(scratch + block_size * width, v, n, width, stride, next.v, next.n);
     return {scratch, scratch + block_size * width, width};
   }
 }
