@@ -10,7 +10,7 @@ faster than fp32 at batch 1 and 1.8x at 32 sequences (torch's own bf16 linear is
 
 A few rows (the decode steps of one to a few streams) instead stream the plain row-major weight
 through csrc's `linear_few_rows`, which reads weights at ~29 GB/s at one row here against
-oneDNN's ~20; it stays ahead up to 8 rows in fp32 and 3 in bf16 (`FEW_ROWS`, measured on the
+oneDNN's ~20; it stays ahead up to 16 rows in fp32 and 8 in bf16 (`FEW_ROWS`, measured on the
 default model's layer shapes: `python bench/kernels.py --only linear`), where oneDNN's blocked
 (AMX) kernels take over. The layer keeps both layouts, so its weights take twice the memory.
 
@@ -28,7 +28,6 @@ from .paged_attention import has_csrc_kernel
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 FEW_ROWS = {torch.float32: 16, torch.bfloat16: 8}  # the most rows linear_few_rows takes, per dtype
 INT4_ROWS = 4  # the most rows the int4 kernel takes (it is slower than oneDNN's bf16 from about 8)
-QUANTIZATIONS = ("int4",)
 
 
 def few_rows_available() -> bool:
@@ -74,7 +73,7 @@ class PackedLinear(nn.Module):
 def pack_linears(model: nn.Module, batch_hint: int, quantization: str | None = None) -> int:
     """Replaces every fp32 or bf16 CPU `nn.Linear` in `model` with a `PackedLinear`, with int4
     weights where `quantization` is int4 and the kernel takes the shape, except the LM head: as in
-    llama.cpp's 4-bit files (the default model's keeps its tied embedding/output matrix at 8 bits),
+    llama.cpp's 4-bit files (the default model's keeps its tied embedding/output matrix finer than 4 bits),
     the logits stay at the model's precision, where 4 bits measurably changed greedy answers.
     Returns how many layers were replaced."""
     replaced = 0
