@@ -201,13 +201,12 @@ struct NextBlock {
 template <typename T>
 S1_INLINE void widen_rows(float* dst, const T* src, int64_t n, int64_t width, int64_t stride, const T* ahead,
                           int64_t ahead_n) {
-  // bf16 (the CPU's serving dtype) 16 lanes at a time where the row allows
-  const int64_t wide = std::is_same_v<T, c10::BFloat16> && width % 16 == 0 ? width : 0;
   for (int64_t t = 0; t < n; ++t) {
     if (t < ahead_n) prefetch_rows(ahead + t * stride, 1, width, stride);
-    if constexpr (std::is_same_v<T, c10::BFloat16>)
-      for (int64_t e = 0; e < wide; e += 16) store16(dst + t * width + e, load16(src + t * stride + e));
-    for (int64_t e = wide; e < width; e += 8) store8(dst + t * width + e, load8(src + t * stride + e));
+    int64_t e = 0;
+    if constexpr (std::is_same_v<T, c10::BFloat16>)  // the CPU's serving dtype: 16 lanes at a time
+      for (; e + 16 <= width; e += 16) store16(dst + t * width + e, load16(src + t * stride + e));
+    for (; e < width; e += 8) store8(dst + t * width + e, load8(src + t * stride + e));
   }
 }
 

@@ -5,26 +5,19 @@ import pytest
 import torch
 from torch import nn
 
+from server.engine.model_runner import cpu_has_native_bf16
 from server.errors import InvalidConfigError
 from server.models.int4 import INT4_GROUP, Int4Weight, dequantize_int4, quantize_int4
 from server.models.packed_linear import INT4_ROWS, PackedLinear, onednn_linear_available
 
-pytestmark = pytest.mark.skipif(
-    not onednn_linear_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="needs oneDNN with bf16"
-)
+from ..csrc.test_fused_ops import fresh_generator
+from ..csrc.test_ops import relative_error
+
+pytestmark = pytest.mark.skipif(not onednn_linear_available() or not cpu_has_native_bf16(), reason="needs oneDNN with bf16")
 
 # bf16 activations, scales and zeros, fp32 accumulation: outputs within 1% of the largest, as for
 # any bf16 linear of these sizes (the bf16 test in test_packed_linear.py allows the same).
 TOLERANCE = 1e-2
-
-
-def fresh_generator() -> tuple[torch.Generator, int]:
-    seed = int(torch.randint(0, 2**31, ()).item())
-    return torch.Generator().manual_seed(seed), seed
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
 def test_quantizing_keeps_every_weight_within_half_a_step_of_its_group():
