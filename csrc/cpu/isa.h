@@ -37,6 +37,16 @@ inline Isa cpu_isa() {
   return isa;
 }
 
+// AVX512-BF16's VDPBF16PS, where the AVX-512 build runs (not on a forced lower ISA).
+inline bool cpu_has_dpbf16() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = cpu_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
 inline const char* isa_name(Isa isa) {
   return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "baseline";
 }

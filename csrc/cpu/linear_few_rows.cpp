@@ -144,10 +144,6 @@ S1_TARGET_DPBF16 void linear_task_dpbf16(at::BFloat16* out, const at::BFloat16* 
   for (; n < n_end; ++n) weight_rows_dpbf16<1>(out, N, x, w, bias, n, M, K);
 }
 
-bool cpu_has_dpbf16() {
-  static const bool has = cpu_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
-  return has;
-}
 #endif
 
 void linear_few_rows(torch::Tensor out, const torch::Tensor& x, const torch::Tensor& weight,

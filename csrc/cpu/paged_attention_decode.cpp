@@ -3,8 +3,9 @@
 // pure-torch reference memory-bound). One task per (sequence, kv head) serves the whole GQA
 // group of query heads that share that kv head, so each K/V row is read once per step, and the
 // softmax is computed online block by block (flash-decoding style), so no buffer grows with the
-// context. The task body is compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at
-// load time (isa.h).
+// context. A bf16 cache on a CPU with AVX512-BF16 runs both products on VDPBF16PS (K as cached,
+// V rows paired, the probabilities rounded to bf16); elsewhere K and V are widened to fp32. The
+// task body is compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time (isa.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -27,6 +28,7 @@ struct Shape {
   int64_t num_heads, head_dim, block_size, num_kv_heads, group, max_blocks, slot_stride, block_stride;
   int64_t slices, kv_per_slice;  // kv heads are split into `slices` tasks per sequence
   int64_t partitions, blocks_per_partition;  // and the context into `partitions`, merged at the end
+  bool dot_bf16;  // a bf16 cache on a CPU with VDPBF16PS, head_dim a multiple of 32: block_scores_bf16
 };
 
 // Where a task's result goes: straight to `out` (one partition), or normalized to `partial`
@@ -35,6 +37,73 @@ struct Sink {
   float* partial;
   float* stats;
 };
+
+// One block's scores for `heads` query heads: q (pre-scaled fp32, head_dim apart) against
+// fp32 K rows `row_stride` apart, into scores (block_size apart per head).
+template <typename V>
+S1_INLINE void block_scores(const Shape& s, float* __restrict scores, const float* q, const float* k_rows,
+                            int64_t row_stride, int64_t n, int64_t heads) {
+  constexpr int64_t L = kLanes<V>;
+  const int64_t lane_chunks = s.head_dim / L;
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* k_head = k_rows + (h / s.group) * s.head_dim;
+    const float* qh = q + h * s.head_dim;
+    float* sc = scores + h * s.block_size;
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {  // eight keys at a time: eight independent chains, one vector of sums
+      V part[8] = {};
+      for (int64_t c = 0; c < lane_chunks; ++c) {
+        const V qc = loadv<V>(qh + L * c);
+        for (int j = 0; j < 8; ++j) part[j] += loadv<V>(k_head + (t + j) * row_stride + L * c) * qc;
+      }
+      vec8 folded[8];
+      for (int j = 0; j < 8; ++j) folded[j] = fold8(part[j]);
+      store8(sc + t, hsum8x8(folded));
+    }
+    for (; t < n; ++t) {
+      V sum{};
+      for (int64_t c = 0; c < lane_chunks; ++c) sum += loadv<V>(k_head + t * row_stride + L * c) * loadv<V>(qh + L * c);
+      sc[t] = hsum(fold8(sum));
+    }
+  }
+}
+
+#ifdef S1_HAVE_DOT_BF16_PAIRS
+template <typename V, typename T>
+constexpr bool kCanDotBf16 = std::is_same_v<V, vec16> && std::is_same_v<T, c10::BFloat16>;
+
+// block_scores on a bf16 cache with VDPBF16PS: the query (the model's bf16 activation) and the
+// cached K rows (slot_stride apart) as they are, 32 products per instruction, scaled after.
+S1_INLINE void block_scores_bf16(const Shape& s, float* __restrict scores, const c10::BFloat16* q,
+                                 const c10::BFloat16* k_rows, int64_t n, int64_t heads, float scale) {
+  const int64_t pair_chunks = s.head_dim / 32, stride = s.slot_stride;
+  for (int64_t h = 0; h < heads; ++h) {
+    const c10::BFloat16* k_head = k_rows + (h / s.group) * s.head_dim;
+    const c10::BFloat16* qh = q + h * s.head_dim;
+    float* sc = scores + h * s.block_size;
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+      vec16 part[8] = {};
+      for (int64_t c = 0; c < pair_chunks; ++c) {
+        const u32x16 qc = load_bf16_pairs(qh + 32 * c);
+        for (int j = 0; j < 8; ++j) part[j] = dot_bf16_pairs(part[j], load_bf16_pairs(k_head + (t + j) * stride + 32 * c), qc);
+      }
+      vec8 folded[8];
+      for (int j = 0; j < 8; ++j) folded[j] = fold8(part[j]);
+      store8(sc + t, hsum8x8(folded) * scale);
+    }
+    for (; t < n; ++t) {
+      vec16 sum{};
+      for (int64_t c = 0; c < pair_chunks; ++c)
+        sum = dot_bf16_pairs(sum, load_bf16_pairs(k_head + t * stride + 32 * c), load_bf16_pairs(qh + 32 * c));
+      sc[t] = hsum(fold8(sum)) * scale;
+    }
+  }
+}
+#else
+template <typename V, typename T>
+constexpr bool kCanDotBf16 = false;
+#endif
 
 // One sequence, kv heads [kv_begin, kv_end) and the query heads they serve. Taking all kv heads
 // of a sequence at once reads each cached token's K/V row as one contiguous run, which is what
@@ -50,8 +119,7 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
                            scalar_t* out_ptr, Sink sink, const int64_t* table, int64_t ctx, float scale,
                            float* __restrict q, float* __restrict acc, float* __restrict scores,
                            float* __restrict running, float* __restrict kv_f32) {
-  constexpr int64_t L = kLanes<V>;
-  const int64_t chunks = s.head_dim / 8, lane_chunks = s.head_dim / L;
+  const int64_t chunks = s.head_dim / 8;
   const int64_t head0 = kv_begin * s.group, heads = (kv_end - kv_begin) * s.group;
   const int64_t width = (kv_end - kv_begin) * s.head_dim;  // one token's K (or V) row for these kv heads
   const int64_t bs = s.block_size;
@@ -65,6 +133,10 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
   std::fill(running_max, running_max + heads, -std::numeric_limits<float>::infinity());
   std::fill(running_sum, running_sum + heads, 0.0f);
 
+  // A bf16 cache on AVX512-BF16: K dotted as it is cached and V rows paired (bf16, in the
+  // widening scratch), both on VDPBF16PS; otherwise K and V are widened to fp32.
+  const bool paired = kCanDotBf16<V, scalar_t> && s.dot_bf16;
+  c10::BFloat16* v_pairs = reinterpret_cast<c10::BFloat16*>(kv_f32);
   const int64_t num_blocks = std::min((ctx + bs - 1) / bs, block_end);
   for (int64_t b = block_begin; b < num_blocks; ++b) {
     const int64_t n = std::min(bs, ctx - b * bs);
@@ -74,31 +146,19 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
       const int64_t at = table[b + 1] * s.block_stride + kv_begin * s.head_dim;
       next = {k_ptr + at, v_ptr + at, std::min(bs, ctx - (b + 1) * bs)};
     }
-    // (the bf16 conversion, done per query head of the group, was what bounded bf16 decode)
-    const BlockRows rows = block_rows(k_ptr + base, v_ptr + base, n, width, s.slot_stride, bs, kv_f32, next);
-    const float* k_rows = rows.k;
-    const float* v_rows = rows.v;
-    const int64_t row_stride = rows.stride;
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* k_head = k_rows + (h / s.group) * s.head_dim;
-      const float* qh = q + h * s.head_dim;
-      float* sc = scores + h * bs;
-      int64_t t = 0;
-      for (; t + 8 <= n; t += 8) {  // eight keys at a time: eight independent chains, one vector of sums
-        V part[8] = {};
-        for (int64_t c = 0; c < lane_chunks; ++c) {
-          const V qc = loadv<V>(qh + L * c);
-          for (int j = 0; j < 8; ++j) part[j] += loadv<V>(k_head + (t + j) * row_stride + L * c) * qc;
-        }
-        vec8 folded[8];
-        for (int j = 0; j < 8; ++j) folded[j] = fold8(part[j]);
-        store8(sc + t, hsum8x8(folded));
+    const float* v_rows = nullptr;
+    int64_t v_stride = 0;
+    if (paired) {
+      if constexpr (kCanDotBf16<V, scalar_t>) {
+        pair_rows_bf16(v_pairs, v_ptr + base, n, width, s.slot_stride, next);
+        block_scores_bf16(s, scores, q_ptr + (seq * s.num_heads + head0) * s.head_dim, k_ptr + base, n, heads, scale);
       }
-      for (; t < n; ++t) {
-        V sum{};
-        for (int64_t c = 0; c < lane_chunks; ++c) sum += loadv<V>(k_head + t * row_stride + L * c) * loadv<V>(qh + L * c);
-        sc[t] = hsum(fold8(sum));
-      }
+    } else {
+      // (the bf16 conversion, done per query head of the group, was what bounded bf16 decode)
+      const BlockRows rows = block_rows(k_ptr + base, v_ptr + base, n, width, s.slot_stride, bs, kv_f32, next);
+      v_rows = rows.v;
+      v_stride = rows.stride;
+      block_scores<V>(s, scores, q, rows.k, rows.stride, n, heads);
     }
     for (int64_t h = 0; h < heads; ++h) {
       float* sc = scores + h * bs;
@@ -122,10 +182,17 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
       for (int64_t t = whole; t < n; ++t) sum += (sc[t] = exp_nonpositive(sc[t] - new_max));
       running_sum[h] = running_sum[h] * correction + sum;
       running_max[h] = new_max;
-      accumulate_pv_row<V>(acc + h * s.head_dim, s.head_dim, correction, sc, 1, v_rows + (h / s.group) * s.head_dim,
-                           n, row_stride);
+      if (paired) {  // P rounded to bf16 for the PV products, as flash-attn rounds it
+        if constexpr (kCanDotBf16<V, scalar_t>)
+          accumulate_pv_pairs_row(acc + h * s.head_dim, s.head_dim, correction, sc, pack_prob_pairs(sc, n),
+                                  v_pairs + (h / s.group) * 2 * s.head_dim, 2 * width);
+      } else {
+        accumulate_pv_row<V>(acc + h * s.head_dim, s.head_dim, correction, sc, 1, v_rows + (h / s.group) * s.head_dim,
+                             n, v_stride);
+      }
     }
   }
+  if (paired) unpair_columns(acc, heads * s.head_dim);
   for (int64_t h = 0; h < heads; ++h) {
     const float inv = running_sum[h] > 0 ? 1.0f / running_sum[h] : 0.0f;  // 0: a partition past the context
     if (sink.partial != nullptr) {
@@ -219,6 +286,7 @@ void decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
   s.max_blocks = block_tables.size(1);
   s.slot_stride = s.num_kv_heads * s.head_dim;  // between consecutive tokens of a block
   s.block_stride = s.block_size * s.slot_stride;
+  s.dot_bf16 = std::is_same_v<scalar_t, at::BFloat16> && cpu_has_dpbf16() && s.head_dim % 32 == 0;
   const int64_t num_seqs = query.size(0), want_tasks = 4 * at::get_num_threads();
   // Enough sequences: one task each. Few sequences with long contexts (the s1 regime: one
   // stream, thousands of thinking tokens): whole K/V rows, the context split into partitions of

@@ -266,4 +266,106 @@ S1_INLINE void accumulate_pv_row(float* acc, int64_t dim, float corr, const floa
   for (; c < chunks; ++c) accumulate_pv<1, V>(acc + L * c, corr, probs, prob_stride, v + L * c, n, slot_stride);
 }
 
+S1_INLINE u32x16 load_bf16_pairs(const c10::BFloat16* p) {
+  u32x16 r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// acc + a[2i] * b[2i] + a[2i+1] * b[2i+1] in each fp32 lane i, a and b holding 32 bf16 each:
+// AVX512-BF16's VDPBF16PS (bf16 products are exact in fp32). Inline assembly, so a kernel's plain
+// AVX-512 build can run it behind cpu_has_dpbf16(): an intrinsic would need the kernel compiled
+// for avx512bf16, and GCC does not inline across that target mismatch.
+S1_INLINE vec16 dot_bf16_pairs(vec16 acc, u32x16 a, u32x16 b) {
+  asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+#define S1_HAVE_DOT_BF16_PAIRS 1
+
+typedef uint16_t u16x32 __attribute__((vector_size(64), aligned(2)));
+
+// Rows t and t+1 of n bf16 rows (`width` a multiple of 32, `stride` apart in src) interleaved for
+// dot_bf16_pairs: each pair of rows becomes 2 x width bf16 in dst, per 32 columns a vector of
+// (row t, row t+1) pairs for columns {0-3, 8-11, 16-19, 24-27} and one for {4-7, ..., 28-31}
+// (VPUNPCKLWD / VPUNPCKHWD order); an odd last row is paired with zeros. Row t of the next
+// block's K and V is requested beside row t.
+S1_INLINE void pair_rows_bf16(c10::BFloat16* dst, const c10::BFloat16* src, int64_t n, int64_t width, int64_t stride,
+                              NextBlock<c10::BFloat16> next) {
+  for (int64_t t = 0; t < n; t += 2) {
+    for (int64_t r = t; r < std::min(t + 2, next.n); ++r) {
+      prefetch_rows(next.k + r * stride, 1, width, stride);
+      prefetch_rows(next.v + r * stride, 1, width, stride);
+    }
+    for (int64_t e = 0; e < width; e += 32) {
+      u16x32 a, b{};
+      std::memcpy(&a, src + t * stride + e, sizeof(a));
+      if (t + 1 < n) std::memcpy(&b, src + (t + 1) * stride + e, sizeof(b));
+      const u16x32 lo = __builtin_shufflevector(a, b, 0, 32, 1, 33, 2, 34, 3, 35, 8, 40, 9, 41, 10, 42, 11, 43, 16, 48,
+                                                17, 49, 18, 50, 19, 51, 24, 56, 25, 57, 26, 58, 27, 59);
+      const u16x32 hi = __builtin_shufflevector(a, b, 4, 36, 5, 37, 6, 38, 7, 39, 12, 44, 13, 45, 14, 46, 15, 47, 20,
+                                                52, 21, 53, 22, 54, 23, 55, 28, 60, 29, 61, 30, 62, 31, 63);
+      std::memcpy(dst + t * width + 2 * e, &lo, sizeof(lo));
+      std::memcpy(dst + t * width + 2 * e + 32, &hi, sizeof(hi));
+    }
+  }
+}
+
+// Rows accumulated from pair_rows_bf16's vectors hold, per 32 columns, columns {0-3, 8-11, ...}
+// then {4-7, 12-15, ...}: put n floats (a multiple of 32) back in column order.
+S1_INLINE void unpair_columns(float* row, int64_t n) {
+  float paired[32];
+  for (int64_t c = 0; c < n; c += 32) {
+    std::memcpy(paired, row + c, sizeof(paired));
+    for (int64_t lane = 0; lane < 16; ++lane) {
+      row[c + lane / 4 * 8 + lane % 4] = paired[lane];
+      row[c + lane / 4 * 8 + 4 + lane % 4] = paired[16 + lane];
+    }
+  }
+}
+
+// probs[0..n) (fp32) rounded to bf16 and packed in place two to a 32-bit word, (probs[2i],
+// probs[2i+1]) in word i (a zero after an odd last): dot_bf16_pairs' other operand. Returns the
+// number of pairs.
+S1_INLINE int64_t pack_prob_pairs(float* probs, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {  // 16 probabilities -> 8 words: bf16 halves, little-endian
+    const int64_t count = std::min<int64_t>(16, n - i);
+    float chunk[16] = {};
+    std::memcpy(chunk, probs + i, count * sizeof(float));
+    u32x16 bits;
+    const vec16 rounded = round_bf16(loadv<vec16>(chunk));
+    std::memcpy(&bits, &rounded, sizeof(bits));
+    const u16x16 halves = __builtin_convertvector(bits >> 16, u16x16);
+    std::memcpy(probs + i / 2, &halves, (count + 1) / 2 * sizeof(float));
+  }
+  return (n + 1) / 2;
+}
+
+// One output row acc (N x 32 floats in pair_rows_bf16's column order) = acc * corr + sum over pairs i of the
+// probability pair i (pack_prob_pairs' words) times pair i of V rows (v + i * pair_stride,
+// pair_rows_bf16's layout).
+template <int N>
+S1_INLINE void accumulate_pv_pairs(float* __restrict acc, float corr, const float* p_pairs, int64_t pairs,
+                                   const c10::BFloat16* v, int64_t pair_stride) {
+  vec16 a[2 * N];
+  for (int i = 0; i < 2 * N; ++i) a[i] = loadv<vec16>(acc + 16 * i) * corr;
+  for (int64_t i = 0; i < pairs; ++i) {
+    uint32_t word;
+    std::memcpy(&word, p_pairs + i, sizeof(word));
+    const u32x16 p = u32x16{} + word;
+    for (int k = 0; k < 2 * N; ++k) a[k] = dot_bf16_pairs(a[k], load_bf16_pairs(v + i * pair_stride + 32 * k), p);
+  }
+  for (int i = 0; i < 2 * N; ++i) storev(acc + 16 * i, a[i]);
+}
+
+// accumulate_pv_pairs over a row of `dim` columns (a multiple of 32), in runs of 4, 2 and 1 x 32.
+S1_INLINE void accumulate_pv_pairs_row(float* acc, int64_t dim, float corr, const float* p_pairs, int64_t pairs,
+                                       const c10::BFloat16* v, int64_t pair_stride) {
+  int64_t c = 0;
+  for (; c + 128 <= dim; c += 128) accumulate_pv_pairs<4>(acc + c, corr, p_pairs, pairs, v + 2 * c, pair_stride);
+  for (; c + 64 <= dim; c += 64) accumulate_pv_pairs<2>(acc + c, corr, p_pairs, pairs, v + 2 * c, pair_stride);
+  for (; c < dim; c += 32) accumulate_pv_pairs<1>(acc + c, corr, p_pairs, pairs, v + 2 * c, pair_stride);
+}
+#endif
+
 }  // namespace s1serve

@@ -143,6 +143,21 @@ def test_decode_in_half_precision_accumulates_in_fp32(dtype):
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 48])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (12, 1)])
+def test_bf16_decode_matches_reference_on_every_block_tail(block_size, head_dim, num_heads, num_kv_heads):
+    """A bf16 cache on AVX512-BF16 takes dot products on the cached bf16 values as they are and
+    pairs V rows (head_dim a multiple of 32; 48 takes the widening path): odd block tails, one-row
+    blocks and every GQA group must land in the right columns."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    lens = [1, block_size + 1, 2 * block_size - 1, 33, 77, 300]
+    batch = random_paged_batch(lens, num_heads, num_kv_heads, head_dim, block_size, seed, dtype=torch.bfloat16)
+    scale = head_dim**-0.5
+    want = paged_attention_decode_reference(*(t.float() if t.is_floating_point() else t for t in batch), scale)
+    assert relative_error(paged_attention_decode(*batch, scale).float(), want) < 1e-2, f"seed {seed}"
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 32])
 @pytest.mark.parametrize("head_dim", [64, 128, 16])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (9, 3), (12, 1)])
 def test_prefill_matches_reference(block_size, head_dim, num_heads, num_kv_heads):
