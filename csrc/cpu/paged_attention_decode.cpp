@@ -184,7 +184,7 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
       running_max[h] = new_max;
       if (paired) {  // P rounded to bf16 for the PV products, as flash-attn rounds it
         if constexpr (kCanDotBf16<V, scalar_t>)
-          accumulate_pv_pairs_row(acc + h * s.head_dim, s.head_dim, correction, sc, pack_prob_pairs(sc, n),
+          accumulate_pv_pairs_row(acc + h * s.head_dim, s.head_dim, correction, sc, 1, pack_prob_pairs(sc, n),
                                   v_pairs + (h / s.group) * 2 * s.head_dim, 2 * width);
       } else {
         accumulate_pv_row<V>(acc + h * s.head_dim, s.head_dim, correction, sc, 1, v_rows + (h / s.group) * s.head_dim,

@@ -27,7 +27,16 @@ constexpr int64_t kRows = 16;  // query rows per task: two vec8 of lanes
 
 struct PrefillShape {
   int64_t num_heads, head_dim, block_size, group, slot_stride, block_stride, max_blocks;
+  bool paired;  // a bf16 cache on a CPU with VDPBF16PS, head_dim a multiple of 32: prefill_task<true>
 };
+
+#ifdef S1_HAVE_DOT_BF16_PAIRS
+template <typename V, typename T>
+constexpr bool kCanPair = std::is_same_v<V, vec16> && std::is_same_v<T, c10::BFloat16>;
+#else
+template <typename V, typename T>
+constexpr bool kCanPair = false;
+#endif
 
 // Per-thread buffers, held as floats and used through vec8 pointers: a std::vector<vec8> would
 // drop the typedef's aligned(4) and let the compiler emit aligned 32-byte loads on 16-byte memory.
@@ -44,7 +53,10 @@ struct Scratch {
         scores(reinterpret_cast<vec8*>(scores_.data())), acc(reinterpret_cast<vec8*>(acc_.data())) {}
 };
 
-template <typename scalar_t>
+// kPaired (bf16 on AVX512-BF16): Q's rows as bf16 pairs in lanes and each cached K pair broadcast,
+// so one VDPBF16PS is two dimensions of 16 rows' scores with nothing widened; V rows paired for
+// the PV products, the probabilities rounded to bf16 (as flash-attn rounds them).
+template <bool kPaired, typename scalar_t>
 S1_INLINE void prefill_task(const PrefillShape& s, const scalar_t* q_ptr, const scalar_t* k_ptr,
                             const scalar_t* v_ptr, scalar_t* out_ptr, const int64_t* table, int64_t q_len,
                             int64_t ctx, int64_t row0, int64_t kv, float scale, Scratch& w) {
@@ -59,7 +71,10 @@ S1_INLINE void prefill_task(const PrefillShape& s, const scalar_t* q_ptr, const 
     std::fill(qt, qt + kRows * s.head_dim, 0.0f);  // rows past the tile stay zero: finite, never stored
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* src = q_ptr + ((row0 + r) * s.num_heads + head) * s.head_dim;
-      for (int64_t d = 0; d < s.head_dim; ++d) qt[d * kRows + r] = static_cast<float>(src[d]) * scale;
+      if constexpr (kPaired)  // pair i of row r at word i * kRows + r
+        for (int64_t i = 0; i < s.head_dim / 2; ++i) std::memcpy(qt + i * kRows + r, src + 2 * i, sizeof(float));
+      else
+        for (int64_t d = 0; d < s.head_dim; ++d) qt[d * kRows + r] = static_cast<float>(src[d]) * scale;
     }
     vec8 max_lo = neg_inf, max_hi = neg_inf, sum_lo{}, sum_hi{};
     for (int64_t i = 0; i < kRows * chunks; ++i) w.acc[i] = vec8{};
@@ -67,22 +82,52 @@ S1_INLINE void prefill_task(const PrefillShape& s, const scalar_t* q_ptr, const 
     for (int64_t b = 0; b * bs < num_keys; ++b) {
       const int64_t n = std::min(bs, num_keys - b * bs);
       const int64_t base = table[b] * s.block_stride + kv * s.head_dim;
-      const BlockRows block = block_rows(k_ptr + base, v_ptr + base, n, s.head_dim, s.slot_stride, bs, w.kv.data());
-      const float* k_rows = block.k;
-      const float* v_rows = block.v;
-      const int64_t row_stride = block.stride;
+      const float* k_rows = nullptr;
+      const float* v_rows = nullptr;
+      int64_t row_stride = 0;
+      c10::BFloat16* v_pairs = reinterpret_cast<c10::BFloat16*>(w.kv.data());
+      if constexpr (kPaired) {
+        pair_rows_bf16(v_pairs, v_ptr + base, n, s.head_dim, s.slot_stride, {});
+      } else {
+        const BlockRows block = block_rows(k_ptr + base, v_ptr + base, n, s.head_dim, s.slot_stride, bs, w.kv.data());
+        v_rows = block.v;
+        row_stride = block.stride;
+        k_rows = block.k;
+      }
       vec8 block_max_lo = neg_inf, block_max_hi = neg_inf;
-      for (int64_t t = 0; t < n; t += 4) {  // four keys at a time: eight independent FMA chains
-        const int64_t keys = std::min<int64_t>(4, n - t);
-        const float* k[4];
-        for (int64_t j = 0; j < 4; ++j) k[j] = k_rows + (t + std::min(j, keys - 1)) * row_stride;
-        vec8 lo[4] = {}, hi[4] = {};
-        for (int64_t d = 0; d < s.head_dim; ++d) {
-          const vec8 q_lo = w.qt[2 * d], q_hi = w.qt[2 * d + 1];
-          for (int j = 0; j < 4; ++j) {
-            const float kd = k[j][d];
-            lo[j] += kd * q_lo;
-            hi[j] += kd * q_hi;
+      // Several keys at a time, for independent chains: four on the FMA path (eight vec8 chains),
+      // eight on VDPBF16PS (eight 16-row chains, to cover its latency).
+      constexpr int64_t kKeys = kPaired ? 8 : 4;
+      for (int64_t t = 0; t < n; t += kKeys) {
+        const int64_t keys = std::min<int64_t>(kKeys, n - t);
+        vec8 lo[kKeys] = {}, hi[kKeys] = {};
+        if constexpr (kPaired) {
+          const scalar_t* k[kKeys];
+          for (int64_t j = 0; j < kKeys; ++j) k[j] = k_ptr + base + (t + std::min(j, keys - 1)) * s.slot_stride;
+          vec16 sums[kKeys] = {};
+          for (int64_t i = 0; i < s.head_dim / 2; ++i) {
+            const u32x16 q_pairs = load_bf16_pairs(reinterpret_cast<const c10::BFloat16*>(qt + i * kRows));
+            for (int j = 0; j < kKeys; ++j) {
+              uint32_t k_pair;
+              std::memcpy(&k_pair, k[j] + 2 * i, sizeof(k_pair));
+              sums[j] = dot_bf16_pairs(sums[j], q_pairs, u32x16{} + k_pair);
+            }
+          }
+          for (int j = 0; j < kKeys; ++j) {
+            sums[j] *= scale;
+            lo[j] = __builtin_shufflevector(sums[j], sums[j], 0, 1, 2, 3, 4, 5, 6, 7);
+            hi[j] = __builtin_shufflevector(sums[j], sums[j], 8, 9, 10, 11, 12, 13, 14, 15);
+          }
+        } else {
+          const float* k[kKeys];
+          for (int64_t j = 0; j < kKeys; ++j) k[j] = k_rows + (t + std::min(j, keys - 1)) * row_stride;
+          for (int64_t d = 0; d < s.head_dim; ++d) {
+            const vec8 q_lo = w.qt[2 * d], q_hi = w.qt[2 * d + 1];
+            for (int j = 0; j < kKeys; ++j) {
+              const float kd = k[j][d];
+              lo[j] += kd * q_lo;
+              hi[j] += kd * q_hi;
+            }
           }
         }
         for (int64_t j = 0; j < keys; ++j) {
@@ -113,15 +158,31 @@ S1_INLINE void prefill_task(const PrefillShape& s, const scalar_t* q_ptr, const 
         sum_lo += p_lo;
         sum_hi += p_hi;
       }
-      const float* probs = reinterpret_cast<const float*>(w.scores);  // [t * kRows + r]
+      float* probs = reinterpret_cast<float*>(w.scores);  // [t * kRows + r]
+      int64_t pairs = 0;
+      if constexpr (kPaired) {  // keys 2i and 2i+1 of row r as one word, at [i * kRows + r]
+        for (int64_t i = 0; 2 * i < n; ++i) {
+          const vec16 even = round_bf16(loadv<vec16>(probs + 2 * i * kRows));
+          const vec16 odd = 2 * i + 1 < n ? round_bf16(loadv<vec16>(probs + (2 * i + 1) * kRows)) : vec16{};
+          u32x16 e, o;
+          std::memcpy(&e, &even, sizeof(e));
+          std::memcpy(&o, &odd, sizeof(o));
+          const u32x16 words = (e >> 16) | (o & 0xFFFF0000u);
+          std::memcpy(probs + i * kRows, &words, sizeof(words));
+          ++pairs;
+        }
+      }
       for (int64_t r = 0; r < rows; ++r) {
-        vec8* acc = w.acc + r * chunks;
+        float* acc = reinterpret_cast<float*>(w.acc + r * chunks);
         const float corr = r < 8 ? corr_lo[r] : corr_hi[r - 8];
-        accumulate_pv_row<vec8>(reinterpret_cast<float*>(acc), s.head_dim, corr, probs + r, kRows, v_rows, n,
-                                row_stride);
+        if constexpr (kPaired)
+          accumulate_pv_pairs_row(acc, s.head_dim, corr, probs + r, kRows, pairs, v_pairs, 2 * s.head_dim);
+        else
+          accumulate_pv_row<vec8>(acc, s.head_dim, corr, probs + r, kRows, v_rows, n, row_stride);
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
+      if constexpr (kPaired) unpair_columns(reinterpret_cast<float*>(w.acc + r * chunks), s.head_dim);
       const float inv = 1.0f / (r < 8 ? sum_lo[r] : sum_hi[r - 8]);
       scalar_t* dst = out_ptr + ((row0 + r) * s.num_heads + head) * s.head_dim;
       const vec8* acc = w.acc + r * chunks;
@@ -135,6 +196,30 @@ struct Task {
   int64_t seq, row0, kv;
 };
 
+template <bool kPaired, typename T>
+S1_INLINE void run_tasks(const PrefillShape& s, const std::vector<Task>& tasks, int64_t first, int64_t stride,
+                         const T* q_ptr, const T* k_ptr, const T* v_ptr, T* out_ptr, const int64_t* tables,
+                         const int32_t* cu_q, const int32_t* cu_k, float scale, Scratch& w) {
+  for (int64_t i = first; i < static_cast<int64_t>(tasks.size()); i += stride) {
+    const Task& task = tasks[i];
+    const int64_t q_begin = cu_q[task.seq];
+    prefill_task<kPaired, T>(s, q_ptr + q_begin * s.num_heads * s.head_dim, k_ptr, v_ptr,
+                             out_ptr + q_begin * s.num_heads * s.head_dim, tables + task.seq * s.max_blocks,
+                             cu_q[task.seq + 1] - q_begin, cu_k[task.seq + 1] - cu_k[task.seq], task.row0, task.kv,
+                             scale, w);
+  }
+}
+
+// The paired path where this ISA build and dtype have it and the shape takes it.
+template <typename V, typename T>
+S1_INLINE void run_isa(const PrefillShape& s, const std::vector<Task>& tasks, int64_t first, int64_t stride,
+                       const T* q_ptr, const T* k_ptr, const T* v_ptr, T* out_ptr, const int64_t* tables,
+                       const int32_t* cu_q, const int32_t* cu_k, float scale, Scratch& w) {
+  if constexpr (kCanPair<V, T>)
+    if (s.paired) return run_tasks<true>(s, tasks, first, stride, q_ptr, k_ptr, v_ptr, out_ptr, tables, cu_q, cu_k, scale, w);
+  run_tasks<false>(s, tasks, first, stride, q_ptr, k_ptr, v_ptr, out_ptr, tables, cu_q, cu_k, scale, w);
+}
+
 // Tasks are dealt round-robin to threads: later tiles see more keys, so contiguous ranges of
 // tasks would leave one thread with most of the work.
 #define S1_DEFINE_PREFILL_TASKS(T)                                                                                \
@@ -144,14 +229,7 @@ struct Task {
        const T* k_ptr, const T* v_ptr, T* out_ptr, const int64_t* tables, const int32_t* cu_q, const int32_t* cu_k, \
        float scale, Scratch& w),                                                                                  \
       (s, tasks, first, stride, q_ptr, k_ptr, v_ptr, out_ptr, tables, cu_q, cu_k, scale, w),                      \
-      for (int64_t i = first; i < static_cast<int64_t>(tasks.size()); i += stride) {                             \
-        const Task& task = tasks[i];                                                                              \
-        const int64_t q_begin = cu_q[task.seq];                                                                   \
-        prefill_task<T>(s, q_ptr + q_begin * s.num_heads * s.head_dim, k_ptr, v_ptr,                              \
-                        out_ptr + q_begin * s.num_heads * s.head_dim, tables + task.seq * s.max_blocks,           \
-                        cu_q[task.seq + 1] - q_begin, cu_k[task.seq + 1] - cu_k[task.seq], task.row0, task.kv,    \
-                        scale, w);                                                                                \
-      })
+      run_isa<isa_vec>(s, tasks, first, stride, q_ptr, k_ptr, v_ptr, out_ptr, tables, cu_q, cu_k, scale, w);)
 S1_DEFINE_PREFILL_TASKS(float)
 S1_DEFINE_PREFILL_TASKS(double)
 S1_DEFINE_PREFILL_TASKS(at::BFloat16)
@@ -188,6 +266,7 @@ void paged_attention_prefill(torch::Tensor out, const torch::Tensor& query, cons
   s.slot_stride = num_kv_heads * s.head_dim;
   s.block_stride = s.block_size * s.slot_stride;
   s.max_blocks = block_tables.size(1);
+  s.paired = query.scalar_type() == torch::kBFloat16 && cpu_has_dpbf16() && s.head_dim % 32 == 0;
 
   const int32_t* cu_q = cu_seqlens_q.data_ptr<int32_t>();
   const int32_t* cu_k = cu_seqlens_k.data_ptr<int32_t>();

@@ -342,29 +342,35 @@ S1_INLINE int64_t pack_prob_pairs(float* probs, int64_t n) {
 }
 
 // One output row acc (N x 32 floats in pair_rows_bf16's column order) = acc * corr + sum over pairs i of the
-// probability pair i (pack_prob_pairs' words) times pair i of V rows (v + i * pair_stride,
-// pair_rows_bf16's layout).
+// probability pair i (pack_prob_pairs' words, p_stride apart) times pair i of V rows
+// (v + i * pair_stride, pair_rows_bf16's layout).
 template <int N>
-S1_INLINE void accumulate_pv_pairs(float* __restrict acc, float corr, const float* p_pairs, int64_t pairs,
-                                   const c10::BFloat16* v, int64_t pair_stride) {
-  vec16 a[2 * N];
+S1_INLINE void accumulate_pv_pairs(float* __restrict acc, float corr, const float* p_pairs, int64_t p_stride,
+                                   int64_t pairs, const c10::BFloat16* v, int64_t pair_stride) {
+  vec16 a[2 * N], b[2 * N] = {};  // even and odd pairs: twice the chains, to cover VDPBF16PS's latency
   for (int i = 0; i < 2 * N; ++i) a[i] = loadv<vec16>(acc + 16 * i) * corr;
-  for (int64_t i = 0; i < pairs; ++i) {
+  auto step = [&](vec16* sums, int64_t i) {
     uint32_t word;
-    std::memcpy(&word, p_pairs + i, sizeof(word));
+    std::memcpy(&word, p_pairs + i * p_stride, sizeof(word));
     const u32x16 p = u32x16{} + word;
-    for (int k = 0; k < 2 * N; ++k) a[k] = dot_bf16_pairs(a[k], load_bf16_pairs(v + i * pair_stride + 32 * k), p);
+    for (int k = 0; k < 2 * N; ++k) sums[k] = dot_bf16_pairs(sums[k], load_bf16_pairs(v + i * pair_stride + 32 * k), p);
+  };
+  int64_t i = 0;
+  for (; i + 2 <= pairs; i += 2) {
+    step(a, i);
+    step(b, i + 1);
   }
-  for (int i = 0; i < 2 * N; ++i) storev(acc + 16 * i, a[i]);
+  if (i < pairs) step(a, i);
+  for (int k = 0; k < 2 * N; ++k) storev(acc + 16 * k, a[k] + b[k]);
 }
 
 // accumulate_pv_pairs over a row of `dim` columns (a multiple of 32), in runs of 4, 2 and 1 x 32.
-S1_INLINE void accumulate_pv_pairs_row(float* acc, int64_t dim, float corr, const float* p_pairs, int64_t pairs,
-                                       const c10::BFloat16* v, int64_t pair_stride) {
+S1_INLINE void accumulate_pv_pairs_row(float* acc, int64_t dim, float corr, const float* p_pairs, int64_t p_stride,
+                                       int64_t pairs, const c10::BFloat16* v, int64_t pair_stride) {
   int64_t c = 0;
-  for (; c + 128 <= dim; c += 128) accumulate_pv_pairs<4>(acc + c, corr, p_pairs, pairs, v + 2 * c, pair_stride);
-  for (; c + 64 <= dim; c += 64) accumulate_pv_pairs<2>(acc + c, corr, p_pairs, pairs, v + 2 * c, pair_stride);
-  for (; c < dim; c += 32) accumulate_pv_pairs<1>(acc + c, corr, p_pairs, pairs, v + 2 * c, pair_stride);
+  for (; c + 128 <= dim; c += 128) accumulate_pv_pairs<4>(acc + c, corr, p_pairs, p_stride, pairs, v + 2 * c, pair_stride);
+  for (; c + 64 <= dim; c += 64) accumulate_pv_pairs<2>(acc + c, corr, p_pairs, p_stride, pairs, v + 2 * c, pair_stride);
+  for (; c < dim; c += 32) accumulate_pv_pairs<1>(acc + c, corr, p_pairs, p_stride, pairs, v + 2 * c, pair_stride);
 }
 #endif
 

@@ -175,6 +175,23 @@ def test_prefill_matches_reference(block_size, head_dim, num_heads, num_kv_heads
     assert relative_error(got, want) < 1e-5, f"seed {seed}"
 
 
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 48])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (12, 1)])
+def test_bf16_prefill_matches_reference_on_every_tile_and_block_tail(block_size, head_dim, num_heads, num_kv_heads):
+    """A bf16 cache on AVX512-BF16 runs the prefill's products on bf16 pairs (head_dim a multiple
+    of 32; 48 takes the widening path): partial tiles of rows, odd block tails and cached context."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    bs = block_size
+    cases = [(1, 1), (5, 5), (bs + 1, bs), (2 * bs - 1, 1), (40, 17), (77, 77), (200, 33)]
+    query, _, _, k_cache, v_cache, meta = random_prefill_batch([n for n, _ in cases], [min(q, n) for n, q in cases],
+                                                                num_heads, num_kv_heads, head_dim, block_size, seed,
+                                                                torch.bfloat16)
+    got = paged_attention_prefill(query, None, None, k_cache, v_cache, meta, head_dim**-0.5)
+    want = paged_attention_prefill_reference(query.float(), k_cache.float(), v_cache.float(), meta, head_dim**-0.5)
+    assert relative_error(got.float(), want) < 1e-2, f"seed {seed}"
+
+
 def test_the_sdpa_prefill_path_matches_reference():
     """The path CUDA takes without flash-attn, checked here on the CPU."""
     seed = int(torch.randint(0, 2**31, ()).item())
