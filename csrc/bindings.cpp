@@ -20,6 +20,8 @@ TORCH_LIBRARY(s1serve, m) {
   m.def("fused_add_rms_norm(Tensor(a!) out, Tensor(b!) residual, Tensor x, Tensor weight, float eps) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor gate_up) -> ()");
   m.def("rotary_embedding(Tensor(a!) query, Tensor(b!) key, Tensor cos, Tensor sin) -> ()");
+  // Each row's first maximum (greedy sampling) without widening bf16 logits to fp32.
+  m.def("argmax_rows(Tensor(a!) out, Tensor logits) -> ()");
   // One row through a linear layer, streaming the row-major weight (CPU decode of one stream).
   m.def("linear_few_rows(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias) -> ()");
   // Which vector ISA the CPU kernels run (avx512 | avx2 | baseline; $S1SERVE_CPU_ISA can lower it).

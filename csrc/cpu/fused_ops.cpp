@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "isa.h"
 #include "vec.h"
@@ -130,6 +131,39 @@ S1_INLINE void rope_tokens(T* q, T* k, const T* cos, const T* sin, int64_t begin
   }
 }
 
+// The index of a row's first maximum (torch.max's), 16 lanes at a time: each lane keeps its own
+// first maximum, then the lanes' largest value with the smallest index wins. A NaN never wins.
+template <typename T>
+S1_INLINE int64_t argmax_row(const T* x, int64_t n) {
+  int64_t best = 0, d = 1;
+  float best_value = static_cast<float>(x[0]);
+  if (n >= 32) {
+    vec16 top = load16(x);
+    vec16i index = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, at = index;
+    for (d = 16; d + 16 <= n; d += 16) {
+      at += 16;
+      const vec16 v = load16(x + d);
+      const vec16i greater = v > top;
+      top = select_lanes(greater, v, top);
+      index = select_lanes(greater, at, index);
+    }
+    best_value = -std::numeric_limits<float>::infinity();
+    for (int lane = 0; lane < 16; ++lane)
+      if (top[lane] > best_value || (top[lane] == best_value && index[lane] < best)) {
+        best_value = top[lane];
+        best = index[lane];
+      }
+  }
+  for (; d < n; ++d) {
+    const float v = static_cast<float>(x[d]);
+    if (v > best_value) {
+      best_value = v;
+      best = d;
+    }
+  }
+  return best;
+}
+
 // One ISA-dispatched entry per kernel, overloaded by dtype.
 #define S1_FUSED_KERNELS(T)                                                                                      \
   S1_ISA_VARIANTS(rms_norm_task,                                                                                 \
@@ -142,7 +176,9 @@ S1_INLINE void rope_tokens(T* q, T* k, const T* cos, const T* sin, int64_t begin
   S1_ISA_VARIANTS(rope_task,                                                                                     \
                   (T * q, T * k, const T* cos, const T* sin, int64_t b, int64_t e, int64_t qh, int64_t kh,       \
                    int64_t hd, int64_t qs, int64_t ks),                                                          \
-                  (q, k, cos, sin, b, e, qh, kh, hd, qs, ks), rope_tokens<T>(q, k, cos, sin, b, e, qh, kh, hd, qs, ks);)
+                  (q, k, cos, sin, b, e, qh, kh, hd, qs, ks), rope_tokens<T>(q, k, cos, sin, b, e, qh, kh, hd, qs, ks);) \
+  S1_ISA_VARIANTS(argmax_task, (int64_t * out, const T* x, int64_t b, int64_t e, int64_t n, int64_t stride),       \
+                  (out, x, b, e, n, stride), for (int64_t r = b; r < e; ++r) out[r] = argmax_row(x + r * stride, n);)
 S1_FUSED_KERNELS(float)
 S1_FUSED_KERNELS(at::BFloat16)
 
@@ -227,9 +263,22 @@ void rotary_embedding(torch::Tensor query, torch::Tensor key, const torch::Tenso
   });
 }
 
+void argmax_rows(torch::Tensor out, const torch::Tensor& x) {
+  check_rows(x, "logits");
+  TORCH_CHECK(x.size(1) >= 1, "logits need at least one column");
+  TORCH_CHECK(out.dim() == 1 && out.size(0) == x.size(0) && out.is_contiguous() && out.scalar_type() == torch::kLong,
+              "out must be a contiguous int64 (rows,) tensor");
+  S1_DISPATCH_FLOAT_AND_BF16(x.scalar_type(), "argmax_rows", [&] {
+    at::parallel_for(0, x.size(0), 8, [&](int64_t b, int64_t e) {
+      argmax_task(out.data_ptr<int64_t>(), x.data_ptr<scalar_t>(), b, e, x.size(1), x.stride(0));
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(s1serve, CPU, m) {
+  m.impl("argmax_rows", &argmax_rows);
   m.impl("rms_norm", &rms_norm);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);

@@ -8,6 +8,7 @@ in the batch, and survive preemption unchanged.
 
 import torch
 
+from ..models.paged_attention import has_csrc_kernel
 from .outputs import TokenLogprobs
 from .params import SamplingParams
 from .sequence import Sequence
@@ -34,17 +35,32 @@ def sample_seed(seed: int, index: int) -> int:
     return seed if index == 0 else draw_seed(seed ^ 0x5EED5A3A1E5, index)
 
 
+def first_maxima(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (its first maximum): csrc's kernel on the CPU, which reads bf16 logits as
+    they are (widening is exact, so the answer is the fp32 one) and is ~10x faster than torch's
+    max over a 49k vocabulary; torch's max elsewhere."""
+    if (logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) and logits.stride(-1) == 1
+            and has_csrc_kernel("argmax_rows", "cpu")):
+        out = torch.empty(logits.shape[0], dtype=torch.long)
+        torch.ops.s1serve.argmax_rows(out, logits)
+        return out
+    return logits.max(dim=-1).indices  # the first maximum, like argmax, and 3x faster on the CPU
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
         """logits: (num_seqs, vocab), one row per sequence. Returns each row's token and, when its
         request asked for them, the logprobs. A row's result depends on its own logits, params,
         tokens so far and seed (drawn per output position) only: never on the rest of the batch."""
+        if all(seq.sampling.greedy and not seq.sampling.logit_bias and not seq.sampling.penalized
+               and seq.sampling.logprobs is None for seq in seqs):  # nothing to adjust: the argmax as it is
+            return [(t, None) for t in first_maxima(logits).tolist()]
         logits = logits.float()
         want_logprobs = [i for i, seq in enumerate(seqs) if seq.sampling.logprobs is not None]
         raw_logprobs = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None
         for row, seq in enumerate(seqs):
             self._adjust(logits[row], seq)
-        tokens = logits.max(dim=-1).indices  # the first maximum, like argmax, and 3x faster on the CPU
+        tokens = first_maxima(logits)
 
         rows = [i for i, seq in enumerate(seqs) if not seq.sampling.greedy]
         if rows:

@@ -117,6 +117,21 @@ def test_a_packed_linear_takes_the_few_rows_kernel_up_to_its_limit_and_onednn_ab
             assert relative_error(packed(x), linear(x)) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 17, 32, 33, 1000, 49152])
+def test_argmax_rows_matches_torch_max_and_takes_the_first_of_tied_maxima(dtype, vocab):
+    """Greedy sampling's argmax: values from a few integers, so rows hold many ties, in and
+    across the kernel's 16 lanes and its scalar tail."""
+    gen, seed = fresh_generator()
+    logits = torch.randint(-3, 4, (37, vocab), generator=gen).to(dtype)
+    got = torch.empty(37, dtype=torch.long)
+    torch.ops.s1serve.argmax_rows(got, logits)
+    assert torch.equal(got, logits.float().max(dim=-1).indices), f"seed {seed}"
+    noisy = torch.randn(5, vocab, generator=gen).to(dtype)
+    torch.ops.s1serve.argmax_rows(got[:5], noisy)
+    assert torch.equal(got[:5], noisy.float().argmax(dim=-1)), f"seed {seed}"
+
+
 def test_the_fused_ops_refuse_what_they_do_not_cover():
     x = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="weight"):
