@@ -28,7 +28,7 @@ struct Shape {
   int64_t num_heads, head_dim, block_size, num_kv_heads, group, max_blocks, slot_stride, block_stride;
   int64_t slices, kv_per_slice;  // kv heads are split into `slices` tasks per sequence
   int64_t partitions, blocks_per_partition;  // and the context into `partitions`, merged at the end
-  bool dot_bf16;  // a bf16 cache on a CPU with VDPBF16PS, head_dim a multiple of 32: block_scores_bf16
+  bool bf16_pairs;  // a bf16 cache on a CPU with VDPBF16PS, head_dim a multiple of 32: block_scores_bf16
 };
 
 // Where a task's result goes: straight to `out` (one partition), or normalized to `partial`
@@ -69,9 +69,6 @@ S1_INLINE void block_scores(const Shape& s, float* __restrict scores, const floa
 }
 
 #ifdef S1_HAVE_DOT_BF16_PAIRS
-template <typename V, typename T>
-constexpr bool kCanDotBf16 = std::is_same_v<V, vec16> && std::is_same_v<T, c10::BFloat16>;
-
 // block_scores on a bf16 cache with VDPBF16PS: the query (the model's bf16 activation) and the
 // cached K rows (slot_stride apart) as they are, 32 products per instruction, scaled after.
 S1_INLINE void block_scores_bf16(const Shape& s, float* __restrict scores, const c10::BFloat16* q,
@@ -86,7 +83,8 @@ S1_INLINE void block_scores_bf16(const Shape& s, float* __restrict scores, const
       vec16 part[8] = {};
       for (int64_t c = 0; c < pair_chunks; ++c) {
         const u32x16 qc = load_bf16_pairs(qh + 32 * c);
-        for (int j = 0; j < 8; ++j) part[j] = dot_bf16_pairs(part[j], load_bf16_pairs(k_head + (t + j) * stride + 32 * c), qc);
+        for (int j = 0; j < 8; ++j)
+          part[j] = dot_bf16_pairs(part[j], load_bf16_pairs(k_head + (t + j) * stride + 32 * c), qc);
       }
       vec8 folded[8];
       for (int j = 0; j < 8; ++j) folded[j] = fold8(part[j]);
@@ -100,9 +98,6 @@ S1_INLINE void block_scores_bf16(const Shape& s, float* __restrict scores, const
     }
   }
 }
-#else
-template <typename V, typename T>
-constexpr bool kCanDotBf16 = false;
 #endif
 
 // One sequence, kv heads [kv_begin, kv_end) and the query heads they serve. Taking all kv heads
@@ -135,7 +130,7 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
 
   // A bf16 cache on AVX512-BF16: K dotted as it is cached and V rows paired (bf16, in the
   // widening scratch), both on VDPBF16PS; otherwise K and V are widened to fp32.
-  const bool paired = kCanDotBf16<V, scalar_t> && s.dot_bf16;
+  const bool paired = kBf16Pairs<V, scalar_t> && s.bf16_pairs;
   c10::BFloat16* v_pairs = reinterpret_cast<c10::BFloat16*>(kv_f32);
   const int64_t num_blocks = std::min((ctx + bs - 1) / bs, block_end);
   for (int64_t b = block_begin; b < num_blocks; ++b) {
@@ -149,7 +144,7 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
     const float* v_rows = nullptr;
     int64_t v_stride = 0;
     if (paired) {
-      if constexpr (kCanDotBf16<V, scalar_t>) {
+      if constexpr (kBf16Pairs<V, scalar_t>) {
         pair_rows_bf16(v_pairs, v_ptr + base, n, width, s.slot_stride, next);
         block_scores_bf16(s, scores, q_ptr + (seq * s.num_heads + head0) * s.head_dim, k_ptr + base, n, heads, scale);
       }
@@ -183,7 +178,7 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
       running_sum[h] = running_sum[h] * correction + sum;
       running_max[h] = new_max;
       if (paired) {  // P rounded to bf16 for the PV products, as flash-attn rounds it
-        if constexpr (kCanDotBf16<V, scalar_t>)
+        if constexpr (kBf16Pairs<V, scalar_t>)
           accumulate_pv_pairs_row(acc + h * s.head_dim, s.head_dim, correction, sc, 1, pack_prob_pairs(sc, n),
                                   v_pairs + (h / s.group) * 2 * s.head_dim, 2 * width);
       } else {
@@ -286,7 +281,7 @@ void decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
   s.max_blocks = block_tables.size(1);
   s.slot_stride = s.num_kv_heads * s.head_dim;  // between consecutive tokens of a block
   s.block_stride = s.block_size * s.slot_stride;
-  s.dot_bf16 = std::is_same_v<scalar_t, at::BFloat16> && cpu_has_dpbf16() && s.head_dim % 32 == 0;
+  s.bf16_pairs = std::is_same_v<scalar_t, at::BFloat16> && cpu_has_dpbf16() && s.head_dim % 32 == 0;
   const int64_t num_seqs = query.size(0), want_tasks = 4 * at::get_num_threads();
   // Enough sequences: one task each. Few sequences with long contexts (the s1 regime: one
   // stream, thousands of thinking tokens): whole K/V rows, the context split into partitions of

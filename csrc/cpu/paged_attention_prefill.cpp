@@ -27,16 +27,9 @@ constexpr int64_t kRows = 16;  // query rows per task: two vec8 of lanes
 
 struct PrefillShape {
   int64_t num_heads, head_dim, block_size, group, slot_stride, block_stride, max_blocks;
-  bool paired;  // a bf16 cache on a CPU with VDPBF16PS, head_dim a multiple of 32: prefill_task<true>
+  bool bf16_pairs;  // a bf16 cache on a CPU with VDPBF16PS, head_dim a multiple of 32: prefill_task<true>
 };
 
-#ifdef S1_HAVE_DOT_BF16_PAIRS
-template <typename V, typename T>
-constexpr bool kCanPair = std::is_same_v<V, vec16> && std::is_same_v<T, c10::BFloat16>;
-#else
-template <typename V, typename T>
-constexpr bool kCanPair = false;
-#endif
 
 // Per-thread buffers, held as floats and used through vec8 pointers: a std::vector<vec8> would
 // drop the typedef's aligned(4) and let the compiler emit aligned 32-byte loads on 16-byte memory.
@@ -215,8 +208,10 @@ template <typename V, typename T>
 S1_INLINE void run_isa(const PrefillShape& s, const std::vector<Task>& tasks, int64_t first, int64_t stride,
                        const T* q_ptr, const T* k_ptr, const T* v_ptr, T* out_ptr, const int64_t* tables,
                        const int32_t* cu_q, const int32_t* cu_k, float scale, Scratch& w) {
-  if constexpr (kCanPair<V, T>)
-    if (s.paired) return run_tasks<true>(s, tasks, first, stride, q_ptr, k_ptr, v_ptr, out_ptr, tables, cu_q, cu_k, scale, w);
+  if constexpr (kBf16Pairs<V, T>) {
+    if (s.bf16_pairs)
+      return run_tasks<true>(s, tasks, first, stride, q_ptr, k_ptr, v_ptr, out_ptr, tables, cu_q, cu_k, scale, w);
+  }
   run_tasks<false>(s, tasks, first, stride, q_ptr, k_ptr, v_ptr, out_ptr, tables, cu_q, cu_k, scale, w);
 }
 
@@ -266,7 +261,7 @@ void paged_attention_prefill(torch::Tensor out, const torch::Tensor& query, cons
   s.slot_stride = num_kv_heads * s.head_dim;
   s.block_stride = s.block_size * s.slot_stride;
   s.max_blocks = block_tables.size(1);
-  s.paired = query.scalar_type() == torch::kBFloat16 && cpu_has_dpbf16() && s.head_dim % 32 == 0;
+  s.bf16_pairs = query.scalar_type() == torch::kBFloat16 && cpu_has_dpbf16() && s.head_dim % 32 == 0;
 
   const int32_t* cu_q = cu_seqlens_q.data_ptr<int32_t>();
   const int32_t* cu_k = cu_seqlens_k.data_ptr<int32_t>();

@@ -283,6 +283,11 @@ S1_INLINE vec16 dot_bf16_pairs(vec16 acc, u32x16 a, u32x16 b) {
 }
 #define S1_HAVE_DOT_BF16_PAIRS 1
 
+// Whether a kernel built for vector V on storage T can take the bf16-pair paths (the AVX-512
+// build on a bf16 cache); cpu_has_dpbf16() then decides at run time.
+template <typename V, typename T>
+constexpr bool kBf16Pairs = std::is_same_v<V, vec16> && std::is_same_v<T, c10::BFloat16>;
+
 typedef uint16_t u16x32 __attribute__((vector_size(64), aligned(2)));
 
 // Rows t and t+1 of n bf16 rows (`width` a multiple of 32, `stride` apart in src) interleaved for
@@ -341,8 +346,8 @@ S1_INLINE int64_t pack_prob_pairs(float* probs, int64_t n) {
   return (n + 1) / 2;
 }
 
-// One output row acc (N x 32 floats in pair_rows_bf16's column order) = acc * corr + sum over pairs i of the
-// probability pair i (pack_prob_pairs' words, p_stride apart) times pair i of V rows
+// One output row acc (N x 32 floats in pair_rows_bf16's column order) = acc * corr + sum over
+// pairs i of the probability pair i (pack_prob_pairs' words, p_stride apart) times pair i of V rows
 // (v + i * pair_stride, pair_rows_bf16's layout).
 template <int N>
 S1_INLINE void accumulate_pv_pairs(float* __restrict acc, float corr, const float* p_pairs, int64_t p_stride,
@@ -368,10 +373,14 @@ S1_INLINE void accumulate_pv_pairs(float* __restrict acc, float corr, const floa
 S1_INLINE void accumulate_pv_pairs_row(float* acc, int64_t dim, float corr, const float* p_pairs, int64_t p_stride,
                                        int64_t pairs, const c10::BFloat16* v, int64_t pair_stride) {
   int64_t c = 0;
-  for (; c + 128 <= dim; c += 128) accumulate_pv_pairs<4>(acc + c, corr, p_pairs, p_stride, pairs, v + 2 * c, pair_stride);
+  for (; c + 128 <= dim; c += 128)
+    accumulate_pv_pairs<4>(acc + c, corr, p_pairs, p_stride, pairs, v + 2 * c, pair_stride);
   for (; c + 64 <= dim; c += 64) accumulate_pv_pairs<2>(acc + c, corr, p_pairs, p_stride, pairs, v + 2 * c, pair_stride);
   for (; c < dim; c += 32) accumulate_pv_pairs<1>(acc + c, corr, p_pairs, p_stride, pairs, v + 2 * c, pair_stride);
 }
+#else
+template <typename V, typename T>
+constexpr bool kBf16Pairs = false;
 #endif
 
 }  // namespace s1serve
