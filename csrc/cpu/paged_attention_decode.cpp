@@ -28,7 +28,7 @@ struct Shape {
   int64_t num_heads, head_dim, block_size, num_kv_heads, group, max_blocks, slot_stride, block_stride;
   int64_t slices, kv_per_slice;  // kv heads are split into `slices` tasks per sequence
   int64_t partitions, blocks_per_partition;  // and the context into `partitions`, merged at the end
-  bool bf16_pairs;  // a bf16 cache on a CPU with VDPBF16PS, head_dim a multiple of 32: block_scores_bf16
+  bool bf16_pairs;  // a bf16 cache on a CPU with VDPBF16PS, head_dim a multiple of 32: the paired path
 };
 
 // Where a task's result goes: straight to `out` (one partition), or normalized to `partial`
@@ -38,67 +38,48 @@ struct Sink {
   float* stats;
 };
 
-// One block's scores for `heads` query heads: q (pre-scaled fp32, head_dim apart) against
-// fp32 K rows `row_stride` apart, into scores (block_size apart per head).
+// One chunk of a score: acc + a K chunk times a query chunk, as fp32 lanes (V's) or, on a bf16
+// cache with VDPBF16PS, 32 bf16 products (kChunk<E, V> elements either way).
 template <typename V>
-S1_INLINE void block_scores(const Shape& s, float* __restrict scores, const float* q, const float* k_rows,
-                            int64_t row_stride, int64_t n, int64_t heads) {
-  constexpr int64_t L = kLanes<V>;
-  const int64_t lane_chunks = s.head_dim / L;
+S1_INLINE V dot_chunk(V acc, const float* k, const float* q) {
+  return acc + loadv<V>(k) * loadv<V>(q);
+}
+#ifdef S1_HAVE_DOT_BF16_PAIRS
+S1_INLINE vec16 dot_chunk(vec16 acc, const c10::BFloat16* k, const c10::BFloat16* q) {
+  return dot_bf16_pairs(acc, load_bf16_pairs(k), load_bf16_pairs(q));
+}
+#endif
+template <typename E, typename V>
+constexpr int64_t kChunk = std::is_same_v<E, float> ? kLanes<V> : 32;
+
+// One block's scores for `heads` query heads: q (head_dim apart: the pre-scaled fp32 scratch, or
+// the model's bf16 query as it is) against K rows `row_stride` apart (widened fp32, or the bf16
+// cache as it is), times `scale`, into scores (block_size apart per head).
+template <typename V, typename E>
+S1_INLINE void block_scores(const Shape& s, float* __restrict scores, const E* q, const E* k_rows,
+                            int64_t row_stride, int64_t n, int64_t heads, float scale) {
+  constexpr int64_t C = kChunk<E, V>;
+  const int64_t chunks = s.head_dim / C;
   for (int64_t h = 0; h < heads; ++h) {
-    const float* k_head = k_rows + (h / s.group) * s.head_dim;
-    const float* qh = q + h * s.head_dim;
+    const E* k_head = k_rows + (h / s.group) * s.head_dim;
+    const E* qh = q + h * s.head_dim;
     float* sc = scores + h * s.block_size;
     int64_t t = 0;
     for (; t + 8 <= n; t += 8) {  // eight keys at a time: eight independent chains, one vector of sums
       V part[8] = {};
-      for (int64_t c = 0; c < lane_chunks; ++c) {
-        const V qc = loadv<V>(qh + L * c);
-        for (int j = 0; j < 8; ++j) part[j] += loadv<V>(k_head + (t + j) * row_stride + L * c) * qc;
-      }
-      vec8 folded[8];
-      for (int j = 0; j < 8; ++j) folded[j] = fold8(part[j]);
-      store8(sc + t, hsum8x8(folded));
-    }
-    for (; t < n; ++t) {
-      V sum{};
-      for (int64_t c = 0; c < lane_chunks; ++c) sum += loadv<V>(k_head + t * row_stride + L * c) * loadv<V>(qh + L * c);
-      sc[t] = hsum(fold8(sum));
-    }
-  }
-}
-
-#ifdef S1_HAVE_DOT_BF16_PAIRS
-// block_scores on a bf16 cache with VDPBF16PS: the query (the model's bf16 activation) and the
-// cached K rows (slot_stride apart) as they are, 32 products per instruction, scaled after.
-S1_INLINE void block_scores_bf16(const Shape& s, float* __restrict scores, const c10::BFloat16* q,
-                                 const c10::BFloat16* k_rows, int64_t n, int64_t heads, float scale) {
-  const int64_t pair_chunks = s.head_dim / 32, stride = s.slot_stride;
-  for (int64_t h = 0; h < heads; ++h) {
-    const c10::BFloat16* k_head = k_rows + (h / s.group) * s.head_dim;
-    const c10::BFloat16* qh = q + h * s.head_dim;
-    float* sc = scores + h * s.block_size;
-    int64_t t = 0;
-    for (; t + 8 <= n; t += 8) {
-      vec16 part[8] = {};
-      for (int64_t c = 0; c < pair_chunks; ++c) {
-        const u32x16 qc = load_bf16_pairs(qh + 32 * c);
-        for (int j = 0; j < 8; ++j)
-          part[j] = dot_bf16_pairs(part[j], load_bf16_pairs(k_head + (t + j) * stride + 32 * c), qc);
-      }
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int j = 0; j < 8; ++j) part[j] = dot_chunk(part[j], k_head + (t + j) * row_stride + C * c, qh + C * c);
       vec8 folded[8];
       for (int j = 0; j < 8; ++j) folded[j] = fold8(part[j]);
       store8(sc + t, hsum8x8(folded) * scale);
     }
     for (; t < n; ++t) {
-      vec16 sum{};
-      for (int64_t c = 0; c < pair_chunks; ++c)
-        sum = dot_bf16_pairs(sum, load_bf16_pairs(k_head + t * stride + 32 * c), load_bf16_pairs(qh + 32 * c));
+      V sum{};
+      for (int64_t c = 0; c < chunks; ++c) sum = dot_chunk(sum, k_head + t * row_stride + C * c, qh + C * c);
       sc[t] = hsum(fold8(sum)) * scale;
     }
   }
 }
-#endif
 
 // One sequence, kv heads [kv_begin, kv_end) and the query heads they serve. Taking all kv heads
 // of a sequence at once reads each cached token's K/V row as one contiguous run, which is what
@@ -118,7 +99,11 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
   const int64_t head0 = kv_begin * s.group, heads = (kv_end - kv_begin) * s.group;
   const int64_t width = (kv_end - kv_begin) * s.head_dim;  // one token's K (or V) row for these kv heads
   const int64_t bs = s.block_size;
-  for (int64_t h = 0; h < heads; ++h) {
+  // A bf16 cache on AVX512-BF16: K dotted as it is cached against the query as it is, and V rows
+  // paired (bf16, in the widening scratch), both on VDPBF16PS; otherwise the query is scaled
+  // into fp32 scratch and K and V are widened to fp32.
+  const bool paired = kBf16Pairs<V, scalar_t> && s.bf16_pairs;
+  for (int64_t h = 0; h < heads && !paired; ++h) {
     const scalar_t* src = q_ptr + (seq * s.num_heads + head0 + h) * s.head_dim;
     for (int64_t c = 0; c < chunks; ++c) store8(q + h * s.head_dim + 8 * c, load8(src + 8 * c) * scale);
   }
@@ -128,9 +113,6 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
   std::fill(running_max, running_max + heads, -std::numeric_limits<float>::infinity());
   std::fill(running_sum, running_sum + heads, 0.0f);
 
-  // A bf16 cache on AVX512-BF16: K dotted as it is cached and V rows paired (bf16, in the
-  // widening scratch), both on VDPBF16PS; otherwise K and V are widened to fp32.
-  const bool paired = kBf16Pairs<V, scalar_t> && s.bf16_pairs;
   c10::BFloat16* v_pairs = reinterpret_cast<c10::BFloat16*>(kv_f32);
   const int64_t num_blocks = std::min((ctx + bs - 1) / bs, block_end);
   for (int64_t b = block_begin; b < num_blocks; ++b) {
@@ -146,14 +128,15 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
     if (paired) {
       if constexpr (kBf16Pairs<V, scalar_t>) {
         pair_rows_bf16(v_pairs, v_ptr + base, n, width, s.slot_stride, next);
-        block_scores_bf16(s, scores, q_ptr + (seq * s.num_heads + head0) * s.head_dim, k_ptr + base, n, heads, scale);
+        block_scores<V>(s, scores, q_ptr + (seq * s.num_heads + head0) * s.head_dim, k_ptr + base, s.slot_stride, n,
+                        heads, scale);
       }
     } else {
       // (the bf16 conversion, done per query head of the group, was what bounded bf16 decode)
       const BlockRows rows = block_rows(k_ptr + base, v_ptr + base, n, width, s.slot_stride, bs, kv_f32, next);
       v_rows = rows.v;
       v_stride = rows.stride;
-      block_scores<V>(s, scores, q, rows.k, rows.stride, n, heads);
+      block_scores<V>(s, scores, q, rows.k, rows.stride, n, heads, 1.0f);  // q is pre-scaled
     }
     for (int64_t h = 0; h < heads; ++h) {
       float* sc = scores + h * bs;

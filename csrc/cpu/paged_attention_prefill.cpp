@@ -30,7 +30,6 @@ struct PrefillShape {
   bool bf16_pairs;  // a bf16 cache on a CPU with VDPBF16PS, head_dim a multiple of 32: prefill_task<true>
 };
 
-
 // Per-thread buffers, held as floats and used through vec8 pointers: a std::vector<vec8> would
 // drop the typedef's aligned(4) and let the compiler emit aligned 32-byte loads on 16-byte memory.
 struct Scratch {
