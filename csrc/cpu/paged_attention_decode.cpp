@@ -29,6 +29,7 @@ struct Shape {
   int64_t slices, kv_per_slice;  // kv heads are split into `slices` tasks per sequence
   int64_t partitions, blocks_per_partition;  // and the context into `partitions`, merged at the end
   bool bf16_pairs;  // a bf16 cache on a CPU with VDPBF16PS, head_dim a multiple of 32: the paired path
+  int64_t step_blocks, step_keys;  // the paired path's blocks (and keys) per softmax step
 };
 
 // Where a task's result goes: straight to `out` (one partition), or normalized to `partial`
@@ -38,57 +39,113 @@ struct Sink {
   float* stats;
 };
 
-// One chunk of a score: acc + a K chunk times a query chunk, as fp32 lanes (V's) or, on a bf16
-// cache with VDPBF16PS, 32 bf16 products (kChunk<E, V> elements either way).
+// One block's scores for `heads` query heads: the pre-scaled fp32 query (head_dim apart) against
+// widened K rows `row_stride` apart, into scores (block_size apart per head).
 template <typename V>
-S1_INLINE V dot_chunk(V acc, const float* k, const float* q) {
-  return acc + loadv<V>(k) * loadv<V>(q);
-}
-#ifdef S1_HAVE_DOT_BF16_PAIRS
-S1_INLINE vec16 dot_chunk(vec16 acc, const c10::BFloat16* k, const c10::BFloat16* q) {
-  return dot_bf16_pairs(acc, load_bf16_pairs(k), load_bf16_pairs(q));
-}
-#endif
-template <typename E, typename V>
-constexpr int64_t kChunk = std::is_same_v<E, float> ? kLanes<V> : 32;
-
-// One block's scores for `heads` query heads: q (head_dim apart: the pre-scaled fp32 scratch, or
-// the model's bf16 query as it is) against K rows `row_stride` apart (widened fp32, or the bf16
-// cache as it is), times `scale`, into scores (block_size apart per head).
-template <typename V, typename E>
-S1_INLINE void block_scores(const Shape& s, float* __restrict scores, const E* q, const E* k_rows,
-                            int64_t row_stride, int64_t n, int64_t heads, float scale) {
-  constexpr int64_t C = kChunk<E, V>;
-  const int64_t chunks = s.head_dim / C;
+S1_INLINE void block_scores(const Shape& s, float* __restrict scores, const float* q, const float* k_rows,
+                            int64_t row_stride, int64_t n, int64_t heads) {
+  constexpr int64_t L = kLanes<V>;
+  const int64_t chunks = s.head_dim / L;
   for (int64_t h = 0; h < heads; ++h) {
-    const E* k_head = k_rows + (h / s.group) * s.head_dim;
-    const E* qh = q + h * s.head_dim;
+    const float* k_head = k_rows + (h / s.group) * s.head_dim;
+    const float* qh = q + h * s.head_dim;
     float* sc = scores + h * s.block_size;
     int64_t t = 0;
     for (; t + 8 <= n; t += 8) {  // eight keys at a time: eight independent chains, one vector of sums
       V part[8] = {};
       for (int64_t c = 0; c < chunks; ++c)
-        for (int j = 0; j < 8; ++j) part[j] = dot_chunk(part[j], k_head + (t + j) * row_stride + C * c, qh + C * c);
+        for (int j = 0; j < 8; ++j) part[j] += loadv<V>(k_head + (t + j) * row_stride + L * c) * loadv<V>(qh + L * c);
       vec8 folded[8];
       for (int j = 0; j < 8; ++j) folded[j] = fold8(part[j]);
-      store8(sc + t, hsum8x8(folded) * scale);
+      store8(sc + t, hsum8x8(folded));
     }
     for (; t < n; ++t) {
       V sum{};
-      for (int64_t c = 0; c < chunks; ++c) sum = dot_chunk(sum, k_head + t * row_stride + C * c, qh + C * c);
-      sc[t] = hsum(fold8(sum)) * scale;
+      for (int64_t c = 0; c < chunks; ++c) sum += loadv<V>(k_head + t * row_stride + L * c) * loadv<V>(qh + L * c);
+      sc[t] = hsum(fold8(sum));
     }
   }
 }
 
+#ifdef S1_HAVE_DOT_BF16_PAIRS
+// The paired path's scores of up to 16 keys (rows `row_stride` apart, m of them) against one bf16
+// query, as one vector (lane t: key t; lanes from m on: 0): 16 chains of VDPBF16PS, folded at once.
+template <bool kFull>
+S1_INLINE vec16 run_scores(const c10::BFloat16* q, const c10::BFloat16* k, int64_t row_stride, int64_t head_dim,
+                           int64_t m) {
+  vec16 acc[16] = {};
+  for (int64_t c = 0; c < head_dim; c += 32) {
+    const u32x16 qc = load_bf16_pairs(q + c);
+    for (int j = 0; j < 16; ++j)
+      if (kFull || j < m) acc[j] = dot_bf16_pairs(acc[j], load_bf16_pairs(k + j * row_stride + c), qc);
+  }
+  return hsum16x16(acc);
+}
+
+// One step of the paired path (a bf16 cache on VDPBF16PS) over n keys (s.step_keys at most, in
+// runs of 16 rows from k_runs[r]), every head of the task: scores in vectors of 16 keys, each head's max, the running maxima and their corrections for all
+// heads at once, then per head exp, sum and PV on the probabilities rounded to bf16 pairs (as
+// flash-attn rounds P). scores holds 16-float runs per head (score_stride apart); v_pairs is the
+// step's V in pair_rows_bf16's layout; maxima/corrections hold heads rounded up to 16 floats.
+S1_INLINE void paired_step(const Shape& s, int64_t heads, const c10::BFloat16* q, const c10::BFloat16* const* k_runs,
+                           const c10::BFloat16* v_pairs, int64_t width, int64_t n, float scale,
+                           float* __restrict scores, float* __restrict acc, float* __restrict running_max,
+                           float* __restrict running_sum, float* __restrict maxima) {
+  constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+  const vec16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const int64_t runs = (n + 15) / 16, score_stride = 16 * ((s.step_keys + 15) / 16);
+  for (int64_t h = 0; h < heads; ++h) {
+    float block_max = kMinusInf;
+    for (int64_t r = 0; r < runs; ++r) {
+      const int64_t m = std::min<int64_t>(16, n - 16 * r);
+      const c10::BFloat16* k = k_runs[r] + (h / s.group) * s.head_dim;
+      vec16 sc = (m == 16 ? run_scores<true>(q + h * s.head_dim, k, s.slot_stride, s.head_dim, m)
+                          : run_scores<false>(q + h * s.head_dim, k, s.slot_stride, s.head_dim, m)) * scale;
+      if (m < 16) sc = select_lanes(lane < static_cast<float>(m), sc, vec16{} + kMinusInf);
+      storev(scores + h * score_stride + 16 * r, sc);
+      block_max = std::max(block_max, hmax16(sc));
+    }
+    maxima[h] = block_max;
+  }
+  for (int64_t h = 0; h < heads; h += 16) {  // maxima becomes each head's correction
+    const vec16 old_max = loadv<vec16>(running_max + h);
+    const vec16 block = loadv<vec16>(maxima + h);
+    const vec16 new_max = block > old_max ? block : old_max;
+    storev(maxima + h, exp_nonpositive_lanes(old_max - new_max));  // exp(-inf) -> 0 via clamp
+    storev(running_max + h, new_max);
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    float* sc = scores + h * score_stride;
+    vec16 sum{};
+    for (int64_t r = 0; r < runs; ++r) {
+      const vec16 x = loadv<vec16>(sc + 16 * r) - running_max[h];
+      const vec16 p = select_lanes(lane < static_cast<float>(n - 16 * r), exp_nonpositive_lanes(x), vec16{});
+      sum += p;
+      u32x16 bits;  // rounded to bf16 and packed two to a word, in place: dot_bf16_pairs' operand
+      const vec16 rounded = round_bf16(p);
+      std::memcpy(&bits, &rounded, sizeof(bits));
+      const u16x16 halves = __builtin_convertvector(bits >> 16, u16x16);
+      std::memcpy(sc + 8 * r, &halves, sizeof(halves));
+    }
+    running_sum[h] = running_sum[h] * maxima[h] + hsum16(sum);
+    accumulate_pv_pairs_row(acc + h * s.head_dim, s.head_dim, maxima[h], sc, 1, (n + 1) / 2,
+                            v_pairs + (h / s.group) * 2 * s.head_dim, 2 * width);
+  }
+}
+#endif
+
+// Floats per head of a task's running-max, running-sum and block-max arrays: heads rounded up to
+// 16, so the paired path updates them a vector at a time.
+S1_INLINE int64_t padded_heads(int64_t heads) { return (heads + 15) / 16 * 16; }
+
 // One sequence, kv heads [kv_begin, kv_end) and the query heads they serve. Taking all kv heads
 // of a sequence at once reads each cached token's K/V row as one contiguous run, which is what
 // keeps the memory system streaming (per-head tasks read 1/num_kv_heads of each row and run
-// several times slower here). q/acc are scratch of num_heads*head_dim/8 vectors, scores of
-// num_heads*block_size floats, running of 2*num_heads floats.
+// several times slower here). q/acc are scratch of num_heads*head_dim floats, scores of
+// num_heads*(block_size rounded up to 16) floats, running of 3*padded_heads(num_heads) floats.
 //
 // V is the vector the dot products and the PV sums run on: vec16 in the AVX-512 build (head_dim a
-// multiple of 16), vec8 elsewhere; the softmax over a block's scores stays on vec8.
+// multiple of 16), vec8 elsewhere; the widening path's softmax over a block's scores stays on vec8.
 template <typename V, typename scalar_t>
 S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_t kv_end, int64_t block_begin,
                            int64_t block_end, const scalar_t* q_ptr, const scalar_t* k_ptr, const scalar_t* v_ptr,
@@ -108,36 +165,47 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
     for (int64_t c = 0; c < chunks; ++c) store8(q + h * s.head_dim + 8 * c, load8(src + 8 * c) * scale);
   }
   std::fill(acc, acc + heads * s.head_dim, 0.0f);
+  const int64_t padded = padded_heads(heads);
   float* running_max = running;
-  float* running_sum = running + heads;
-  std::fill(running_max, running_max + heads, -std::numeric_limits<float>::infinity());
-  std::fill(running_sum, running_sum + heads, 0.0f);
+  float* running_sum = running + padded;
+  std::fill(running_max, running_max + padded, -std::numeric_limits<float>::infinity());
+  std::fill(running_sum, running_sum + padded, 0.0f);
 
-  c10::BFloat16* v_pairs = reinterpret_cast<c10::BFloat16*>(kv_f32);
   const int64_t num_blocks = std::min((ctx + bs - 1) / bs, block_end);
-  for (int64_t b = block_begin; b < num_blocks; ++b) {
+  auto next_block = [&](int64_t b) {  // the rows to request while block b - 1 is read
+    NextBlock<scalar_t> next;
+    if (b < num_blocks) {
+      const int64_t at = table[b] * s.block_stride + kv_begin * s.head_dim;
+      next = {k_ptr + at, v_ptr + at, std::min(bs, ctx - b * bs)};
+    }
+    return next;
+  };
+  if constexpr (kBf16Pairs<V, scalar_t>) {
+    // s.step_blocks blocks per step: the softmax bookkeeping and the PV accumulators' loads and
+    // stores are per step, so fewer, longer steps cost less per key
+    c10::BFloat16* v_pairs = reinterpret_cast<c10::BFloat16*>(kv_f32);
+    std::vector<const c10::BFloat16*> k_runs((s.step_keys + 15) / 16);
+    for (int64_t b = block_begin; paired && b < num_blocks; b += s.step_blocks) {
+      int64_t n = 0;
+      for (int64_t j = b; j < std::min(b + s.step_blocks, num_blocks); ++j) {
+        const int64_t nj = std::min(bs, ctx - j * bs);
+        const c10::BFloat16* k_block = k_ptr + table[j] * s.block_stride + kv_begin * s.head_dim;
+        pair_rows_bf16(v_pairs + n * width, v_ptr + table[j] * s.block_stride + kv_begin * s.head_dim, nj, width,
+                       s.slot_stride, next_block(j + 1));
+        for (int64_t r = 0; 16 * r < nj; ++r) k_runs[n / 16 + r] = k_block + 16 * r * s.slot_stride;
+        n += nj;
+      }
+      paired_step(s, heads, q_ptr + (seq * s.num_heads + head0) * s.head_dim, k_runs.data(), v_pairs, width, n, scale,
+                  scores, acc, running_max, running_sum, running + 2 * padded);
+    }
+  }
+  for (int64_t b = block_begin; !paired && b < num_blocks; ++b) {
     const int64_t n = std::min(bs, ctx - b * bs);
     const int64_t base = table[b] * s.block_stride + kv_begin * s.head_dim;
-    NextBlock<scalar_t> next;
-    if (b + 1 < num_blocks) {
-      const int64_t at = table[b + 1] * s.block_stride + kv_begin * s.head_dim;
-      next = {k_ptr + at, v_ptr + at, std::min(bs, ctx - (b + 1) * bs)};
-    }
-    const float* v_rows = nullptr;
-    int64_t v_stride = 0;
-    if (paired) {
-      if constexpr (kBf16Pairs<V, scalar_t>) {
-        pair_rows_bf16(v_pairs, v_ptr + base, n, width, s.slot_stride, next);
-        block_scores<V>(s, scores, q_ptr + (seq * s.num_heads + head0) * s.head_dim, k_ptr + base, s.slot_stride, n,
-                        heads, scale);
-      }
-    } else {
-      // (the bf16 conversion, done per query head of the group, was what bounded bf16 decode)
-      const BlockRows rows = block_rows(k_ptr + base, v_ptr + base, n, width, s.slot_stride, bs, kv_f32, next);
-      v_rows = rows.v;
-      v_stride = rows.stride;
-      block_scores<V>(s, scores, q, rows.k, rows.stride, n, heads, 1.0f);  // q is pre-scaled
-    }
+    const NextBlock<scalar_t> next = next_block(b + 1);
+    // (the bf16 conversion, done per query head of the group, was what bounded bf16 decode)
+    const BlockRows rows = block_rows(k_ptr + base, v_ptr + base, n, width, s.slot_stride, bs, kv_f32, next);
+    block_scores<V>(s, scores, q, rows.k, rows.stride, n, heads);  // q is pre-scaled
     for (int64_t h = 0; h < heads; ++h) {
       float* sc = scores + h * bs;
       const int64_t whole = n / 8 * 8;  // eight scores per vector, then a scalar tail
@@ -160,14 +228,8 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
       for (int64_t t = whole; t < n; ++t) sum += (sc[t] = exp_nonpositive(sc[t] - new_max));
       running_sum[h] = running_sum[h] * correction + sum;
       running_max[h] = new_max;
-      if (paired) {  // P rounded to bf16 for the PV products, as flash-attn rounds it
-        if constexpr (kBf16Pairs<V, scalar_t>)
-          accumulate_pv_pairs_row(acc + h * s.head_dim, s.head_dim, correction, sc, 1, pack_prob_pairs(sc, n),
-                                  v_pairs + (h / s.group) * 2 * s.head_dim, 2 * width);
-      } else {
-        accumulate_pv_row<V>(acc + h * s.head_dim, s.head_dim, correction, sc, 1, v_rows + (h / s.group) * s.head_dim,
-                             n, v_stride);
-      }
+      accumulate_pv_row<V>(acc + h * s.head_dim, s.head_dim, correction, sc, 1, rows.v + (h / s.group) * s.head_dim,
+                           n, rows.stride);
     }
   }
   if (paired) unpair_columns(acc, heads * s.head_dim);
@@ -265,6 +327,11 @@ void decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
   s.slot_stride = s.num_kv_heads * s.head_dim;  // between consecutive tokens of a block
   s.block_stride = s.block_size * s.slot_stride;
   s.bf16_pairs = std::is_same_v<scalar_t, at::BFloat16> && cpu_has_dpbf16() && s.head_dim % 32 == 0;
+  // Runs of 16 keys never cross a block when blocks are a multiple of 16 long: then steps of
+  // kStepKeys keys, else a block per step.
+  constexpr int64_t kStepKeys = 32;
+  s.step_blocks = s.block_size % 16 == 0 ? std::max<int64_t>(1, kStepKeys / s.block_size) : 1;
+  s.step_keys = s.step_blocks * s.block_size;
   const int64_t num_seqs = query.size(0), want_tasks = 4 * at::get_num_threads();
   // Enough sequences: one task each. Few sequences with long contexts (the s1 regime: one
   // stream, thousands of thinking tokens): whole K/V rows, the context split into partitions of
@@ -295,8 +362,8 @@ void decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
   at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t heads = s.kv_per_slice * s.group;
     std::vector<float> q(heads * s.head_dim), acc(heads * s.head_dim);
-    std::vector<float> scores(heads * s.block_size), running(2 * heads);
-    std::vector<float> kv_f32(std::is_same_v<scalar_t, float> ? 0 : 2 * s.block_size * s.kv_per_slice * s.head_dim);
+    std::vector<float> scores(heads * 16 * ((s.step_keys + 15) / 16)), running(3 * padded_heads(heads));
+    std::vector<float> kv_f32(std::is_same_v<scalar_t, float> ? 0 : 2 * s.step_keys * s.kv_per_slice * s.head_dim);
     task_range(s, begin, end, q_ptr, k_ptr, v_ptr, out_ptr, partial.empty() ? nullptr : partial.data(), tables, lens,
                static_cast<float>(scale), q.data(), acc.data(), scores.data(), running.data(), kv_f32.data());
   });

@@ -176,6 +176,43 @@ S1_INLINE float hsum16(vec16 v) {
   for (int i = 0; i < 16; ++i) s += v[i];
   return s;
 }
+// The largest lane: halves folded with max, four rounds of shuffles.
+S1_INLINE float hmax16(vec16 v) {
+  const vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const vec8 b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  vec8 m = a > b ? a : b;
+  typedef float vec4 __attribute__((vector_size(16)));
+  const vec4 lo = __builtin_shufflevector(m, m, 0, 1, 2, 3), hi = __builtin_shufflevector(m, m, 4, 5, 6, 7);
+  vec4 q = lo > hi ? lo : hi;
+  q = q > __builtin_shufflevector(q, q, 2, 3, 0, 1) ? q : __builtin_shufflevector(q, q, 2, 3, 0, 1);
+  return std::max(q[0], q[1]);
+}
+
+// The sixteen horizontal sums of v[0..16) as one vector (lane i: sum(v[i])): four rounds that each
+// halve the vectors, whole 256-bit, 128-bit, 64-bit and 32-bit groups of two vectors shuffled side
+// by side and added. Reading the inputs in `order` puts every sum in its own lane.
+S1_INLINE vec16 hsum16x16(const vec16* v) {
+  constexpr int order[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+  vec16 halves[8], quarters[4], eighths[2];
+  for (int i = 0; i < 8; ++i) {  // {a 8 partials, b 8 partials}
+    const vec16 a = v[order[2 * i]], b = v[order[2 * i + 1]];
+    halves[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {  // four sums of four partials each, one per 128 bits
+    const vec16 a = halves[2 * i], b = halves[2 * i + 1];
+    quarters[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                  __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {  // per 128 bits: two partials of one sum, then two of another
+    const vec16 a = quarters[2 * i], b = quarters[2 * i + 1];
+    eighths[i] = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+                 __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  }
+  const vec16 a = eighths[0], b = eighths[1];
+  return __builtin_shufflevector(a, b, 0, 2, 16, 18, 4, 6, 20, 22, 8, 10, 24, 26, 12, 14, 28, 30) +
+         __builtin_shufflevector(a, b, 1, 3, 17, 19, 5, 7, 21, 23, 9, 11, 25, 27, 13, 15, 29, 31);
+}
 
 // Asks for n rows of `width` elements, `stride` apart, to be brought into L2 ahead of use: the
 // next cached block lies anywhere in the pool, where the hardware prefetchers do not look, and
@@ -329,25 +366,8 @@ S1_INLINE void unpair_columns(float* row, int64_t n) {
   }
 }
 
-// probs[0..n) (fp32) rounded to bf16 and packed in place two to a 32-bit word, (probs[2i],
-// probs[2i+1]) in word i (a zero after an odd last): dot_bf16_pairs' other operand. Returns the
-// number of pairs.
-S1_INLINE int64_t pack_prob_pairs(float* probs, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {  // 16 probabilities -> 8 words: bf16 halves, little-endian
-    const int64_t count = std::min<int64_t>(16, n - i);
-    float chunk[16] = {};
-    std::memcpy(chunk, probs + i, count * sizeof(float));
-    u32x16 bits;
-    const vec16 rounded = round_bf16(loadv<vec16>(chunk));
-    std::memcpy(&bits, &rounded, sizeof(bits));
-    const u16x16 halves = __builtin_convertvector(bits >> 16, u16x16);
-    std::memcpy(probs + i / 2, &halves, (count + 1) / 2 * sizeof(float));
-  }
-  return (n + 1) / 2;
-}
-
 // One output row acc (N x 32 floats in pair_rows_bf16's column order) = acc * corr + sum over
-// pairs i of the probability pair i (pack_prob_pairs' words, p_stride apart) times pair i of V rows
+// pairs i of the probability pair i (bf16 halves of a 32-bit word, p_stride words apart) times pair i of V rows
 // (v + i * pair_stride, pair_rows_bf16's layout).
 template <int N>
 S1_INLINE void accumulate_pv_pairs(float* __restrict acc, float corr, const float* p_pairs, int64_t p_stride,
