@@ -95,6 +95,54 @@ void paged_attention_decode(torch::Tensor out, const torch::Tensor& query, const
                "paged_attention_decode");
 }
 
+void paged_attention_prefill(torch::Tensor out, const torch::Tensor& query, const torch::Tensor& k_cache,
+                             const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                             const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k, double scale) {
+  check_same_device("paged_attention_prefill", {{"query", &query}, {"out", &out}, {"k_cache", &k_cache},
+                                               {"v_cache", &v_cache}, {"block_tables", &block_tables},
+                                               {"cu_seqlens_q", &cu_seqlens_q}, {"cu_seqlens_k", &cu_seqlens_k}});
+  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "query (tokens, heads, dim) and caches (blocks, block_size, kv_heads, dim) expected");
+  TORCH_CHECK(query.size(2) == k_cache.size(3), "head_dim of query and cache differ");
+  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(query.scalar_type() == torch::kHalf || query.scalar_type() == torch::kBFloat16,
+              "paged_attention_prefill on CUDA takes float16 or bfloat16 (fp32 runs SDPA), got ", query.scalar_type());
+  TORCH_CHECK(cuda::decode_supported(static_cast<int>(query.size(1)), static_cast<int>(k_cache.size(2)),
+                                     static_cast<int>(query.size(2))),
+              "paged_attention_prefill: ", query.size(1), " heads over ", k_cache.size(2), " KV heads of dim ",
+              query.size(2), " is not supported by the CUDA kernel (GQA group <= ", cuda::kDecodeMaxGroup,
+              ", head_dim in 16/32/64/128/256)");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && block_tables.dim() == 2, "block_tables must be 2-D int64");
+  TORCH_CHECK(cu_seqlens_q.scalar_type() == torch::kInt && cu_seqlens_k.scalar_type() == torch::kInt,
+              "cu_seqlens must be int32");
+  const int64_t num_seqs = block_tables.size(0);
+  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.numel() == num_seqs + 1 && cu_seqlens_k.dim() == 1 &&
+                  cu_seqlens_k.numel() == num_seqs + 1,
+              "cu_seqlens need one entry per sequence (block table row) plus one");
+  TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  block_tables.is_contiguous() && cu_seqlens_q.is_contiguous() && cu_seqlens_k.is_contiguous() &&
+                  out.is_contiguous(),
+              "contiguous tensors expected");
+  TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type(), "out must match query");
+  TORCH_CHECK(k_cache.scalar_type() == query.scalar_type() && v_cache.scalar_type() == query.scalar_type(),
+              "cache and query dtypes differ");
+  TORCH_CHECK(query.size(0) < (int64_t{1} << 31), "paged_attention_prefill: fewer than 2^31 query rows");
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&out, &query, &k_cache, &v_cache})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, "paged_attention_prefill: tensors must be 16-byte aligned");
+  // Lengths stay on the device (checking them would sync every layer); the engine builds them,
+  // and the kernel reads no table entry past a context's ceil(ctx / block_size).
+  const c10::cuda::CUDAGuard guard(query.device());
+  cuda::PrefillArgs args{out.data_ptr(), query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                         block_tables.data_ptr<int64_t>(), cu_seqlens_q.data_ptr<int32_t>(),
+                         cu_seqlens_k.data_ptr<int32_t>(), static_cast<int>(num_seqs),
+                         static_cast<int>(query.size(0)), static_cast<int>(query.size(1)),
+                         static_cast<int>(k_cache.size(2)), static_cast<int>(query.size(2)),
+                         static_cast<int>(k_cache.size(1)), static_cast<int>(block_tables.size(1)),
+                         static_cast<float>(scale)};
+  check_launch(cuda::paged_attention_prefill(args, dtype_of(query), c10::cuda::getCurrentCUDAStream()),
+               "paged_attention_prefill");
+}
+
 void reshape_and_cache(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor k_cache,
                        torch::Tensor v_cache, const torch::Tensor& slot_mapping) {
   check_same_device("reshape_and_cache", {{"key", &key}, {"value", &value}, {"k_cache", &k_cache},
@@ -125,6 +173,7 @@ void reshape_and_cache(const torch::Tensor& key, const torch::Tensor& value, tor
 
 TORCH_LIBRARY_IMPL(s1serve, CUDA, m) {
   m.impl("paged_attention_decode", &paged_attention_decode);
+  m.impl("paged_attention_prefill", &paged_attention_prefill);
   m.impl("reshape_and_cache", &reshape_and_cache);
 }
 

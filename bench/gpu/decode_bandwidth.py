@@ -96,6 +96,42 @@ def forced_end_chunk(context: int = 32768, chunk: int = 8) -> dict:
     return row
 
 
+def follow_up_chunk(context: int = 32768, chunk: int = 512) -> dict:
+    """A 512-token chunk after a 32k context (a follow-up turn, a long forced answer), per layer:
+    the paged prefill kernel reading the cache in place, against gathering the context for
+    flash-attn (when installed) or SDPA."""
+    from server.models.paged_attention import (PrefillMetadata, gather_context, paged_attention_prefill,
+                                               paged_attention_prefill_reference, prefill_sdpa,
+                                               through_paged_prefill_kernel)
+
+    blocks = context // BLOCK
+    k_cache = torch.randn(blocks + 1, BLOCK, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    v_cache = torch.randn_like(k_cache)
+    table = (torch.randperm(blocks, device="cuda") + 1).tolist()
+    meta = PrefillMetadata.build([chunk], [context], [table], torch.device("cuda"))
+    query = torch.randn(chunk, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    scale = HEAD_DIM**-0.5
+    assert through_paged_prefill_kernel(query, meta)
+    keys, values = gather_context(k_cache, v_cache, meta)
+    new_k, new_v = keys[-chunk:], values[-chunk:]
+    ours = paged_attention_prefill(query, new_k, new_v, k_cache, v_cache, meta, scale)
+    want = paged_attention_prefill_reference(query.float(), k_cache.float(), v_cache.float(), meta, scale)
+    flops = 4 * chunk * context * HEADS * HEAD_DIM
+    row = {"context": context, "chunk": chunk, "max_abs_err": float((ours.float() - want).abs().max()),
+           "paged_prefill_s": timed(lambda: paged_attention_prefill(query, new_k, new_v, k_cache, v_cache, meta, scale)),
+           "gather_s": timed(lambda: gather_context(k_cache, v_cache, meta)),
+           "gather_and_sdpa_s": timed(lambda: prefill_sdpa(query, new_k, new_v, k_cache, v_cache, meta, scale))}
+    try:
+        from server.models.paged_attention import prefill_flash_attn
+
+        row["gather_and_flash_attn_s"] = timed(
+            lambda: prefill_flash_attn(query, new_k, new_v, k_cache, v_cache, meta, scale))
+    except ImportError:
+        row["gather_and_flash_attn_s"] = None
+    row["paged_prefill_tflops"] = flops / row["paged_prefill_s"] / 1e12
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -109,6 +145,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     result["forced_end_chunk"] = forced_end_chunk()
     print(json.dumps(result["forced_end_chunk"]), flush=True)
+    result["follow_up_chunk"] = follow_up_chunk()
+    print(json.dumps(result["follow_up_chunk"]), flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

@@ -46,6 +46,23 @@ bool decode_supported(int num_heads, int num_kv_heads, int head_dim);
 // else the launch status.
 cudaError_t paged_attention_decode(const DecodeArgs& args, DType dtype, cudaStream_t stream);
 
+struct PrefillArgs {
+  void* out;                    // (total_q, num_heads, head_dim); 16-byte aligned, like the next three
+  const void* query;            // (total_q, num_heads, head_dim)
+  const void* k_cache;          // (num_blocks, block_size, num_kv_heads, head_dim)
+  const void* v_cache;          // same
+  const int64_t* block_tables;  // (num_seqs, max_blocks)
+  const int32_t* cu_seqlens_q;  // (num_seqs + 1,): sequence i's queries are rows [q[i], q[i+1])
+  const int32_t* cu_seqlens_k;  // (num_seqs + 1,): its context (cached + new) is k[i+1] - k[i] tokens
+  int num_seqs, total_q, num_heads, num_kv_heads, head_dim, block_size, max_blocks;
+  float scale;
+};
+
+// fp16 / bf16 on tensor cores, the shapes decode_supported covers; cudaErrorInvalidValue for the
+// rest (fp32 included), else the launch status. Each query attends causally, bottom-right aligned,
+// to its sequence's cache through the block table (the new tokens already written there).
+cudaError_t paged_attention_prefill(const PrefillArgs& args, DType dtype, cudaStream_t stream);
+
 struct CacheArgs {
   const void* key;              // (num_tokens, num_kv_heads, head_dim), rows `key_stride` apart
   const void* value;

@@ -5,8 +5,9 @@ per layer; a token's slot is `block * block_size + offset`. `paged_attention_dec
 csrc/ kernel (`torch.ops.s1serve`) where one is built for the tensors' device and the torch
 reference otherwise (so does `reshape_and_cache`); `attention_backend()` says which.
 `paged_attention_prefill` takes a varlen batch (cu_seqlens) and runs our kernel on the CPU and
-flash-attn or SDPA on CUDA (`prefill_backend()` says which), except that short chunks after cached
-context run on the CUDA decode kernel. The engine logs both at start.
+flash-attn or SDPA on CUDA (`prefill_backend()` says which), except that chunks after cached
+context run on csrc/cuda's kernels: short ones on the decode kernel, longer ones (fp16/bf16) on
+the paged prefill kernel, both reading the cache in place. The engine logs both at start.
 """
 
 import functools
@@ -202,7 +203,7 @@ def paged_attention_prefill(
     backend = prefill_backend(query.device.type)
     if backend != "csrc-cpu" and through_decode_kernel(query.device.type, meta):
         return prefill_through_decode(query, k_cache, v_cache, meta, scale)
-    if backend == "csrc-cpu":
+    if backend == "csrc-cpu" or through_paged_prefill_kernel(query, meta):
         out = torch.empty_like(query)
         torch.ops.s1serve.paged_attention_prefill(
             out, query.contiguous(), k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.cu_seqlens_k, scale
@@ -235,10 +236,18 @@ def through_decode_kernel(device_type: str, meta: PrefillMetadata) -> bool:
     """On CUDA, short chunks after cached context (every Wait and forced end of budget forcing,
     a follow-up turn's new tokens) read the cache in place through the split-KV decode kernel,
     one query row at a time, instead of gathering the whole context every layer for flash-attn
-    or SDPA (~64 MiB per layer at 32k). Longer chunks keep the gather: flash-attn's paged mode
-    needs 256-token blocks, and over 64+ query rows the gather is a small share of the work."""
+    or SDPA (~64 MiB per layer at 32k). Longer chunks run the paged prefill kernel
+    (through_paged_prefill_kernel), whose tiles of query rows share each K/V tile."""
     return (device_type == "cuda" and attention_backend("cuda") == "csrc-cuda" and meta.has_cached_context
             and meta.max_seqlen_q <= DECODE_KERNEL_MAX_QUERY)
+
+
+def through_paged_prefill_kernel(query: torch.Tensor, meta: PrefillMetadata) -> bool:
+    """On CUDA, longer chunks after cached context (fp16/bf16) run csrc/cuda's paged prefill
+    kernel, which reads the context through the block tables on tensor cores: no per-layer gather
+    of the whole context for flash-attn or SDPA. Whole prompts keep flash-attn (or SDPA)."""
+    return (query.device.type == "cuda" and meta.has_cached_context and query.dtype in (torch.float16, torch.bfloat16)
+            and attention_backend("cuda") == "csrc-cuda" and has_csrc_kernel("paged_attention_prefill", "cuda"))
 
 
 def prefill_through_decode(query, k_cache, v_cache, meta: PrefillMetadata, scale: float) -> torch.Tensor:
@@ -250,7 +259,8 @@ def prefill_through_decode(query, k_cache, v_cache, meta: PrefillMetadata, scale
 
 def prefill_flash_attn(query, key, value, k_cache, v_cache, meta: PrefillMetadata, scale: float) -> torch.Tensor:
     """One varlen call for the batch. Chunks with cached context read it through a gather of
-    their slots (flash-attn's own paged mode needs blocks of 256 tokens)."""
+    their slots (flash-attn's own paged mode needs blocks of 256 tokens); the engine sends those
+    to the csrc kernels instead, so this gather runs only without them (and in tests)."""
     from flash_attn import flash_attn_varlen_func
 
     if meta.has_cached_context:

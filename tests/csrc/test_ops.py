@@ -22,6 +22,7 @@ from server.models.paged_attention import (
     prefill_sdpa,
     prefill_through_decode,
     through_decode_kernel,
+    through_paged_prefill_kernel,
     reshape_and_cache,
     reshape_and_cache_reference,
 )
@@ -221,6 +222,17 @@ def test_only_short_chunks_after_cached_context_take_the_decode_kernel_and_only_
     if attention_backend("cuda") == "csrc-cuda":
         assert through_decode_kernel("cuda", short)
         assert not through_decode_kernel("cuda", whole) and not through_decode_kernel("cuda", long_chunk)
+
+
+def test_only_chunks_after_cached_context_in_16_bit_take_the_paged_prefill_kernel_and_only_on_cuda():
+    """The rest of a CUDA batch's prefill: whole prompts keep flash-attn (or SDPA), fp32 keeps SDPA."""
+    query, *_, long_chunk = random_prefill_batch([200, 9], [65, 9], 4, 2, 64, 16, seed=1, dtype=torch.bfloat16)
+    whole = random_prefill_batch([40, 9], [40, 9], 4, 2, 64, 16, seed=1)[-1]
+    assert not through_paged_prefill_kernel(query, long_chunk)  # on the CPU: the CPU kernel, always
+    if attention_backend("cuda") == "csrc-cuda":
+        on_gpu = query.cuda()
+        assert through_paged_prefill_kernel(on_gpu, long_chunk)
+        assert not through_paged_prefill_kernel(on_gpu, whole) and not through_paged_prefill_kernel(on_gpu.float(), long_chunk)
 
 
 def test_prefill_is_stable_at_32k_context_with_peaked_scores():

@@ -17,6 +17,7 @@ from server.models.paged_attention import (
     reshape_and_cache,
     reshape_and_cache_reference,
     through_decode_kernel,
+    through_paged_prefill_kernel,
 )
 from tests.conftest import hf_greedy, random_prompts
 
@@ -102,6 +103,61 @@ def test_short_chunks_after_cached_context_read_the_cache_through_the_decode_ker
     got = paged_attention_prefill(query, None, None, k_cache, v_cache, meta, 128**-0.5)
     want = paged_attention_prefill_reference(query.double(), k_cache.double(), v_cache.double(), meta, 128**-0.5)
     assert relative_error(got, want) < TOLERANCE[dtype]
+
+
+def on_cuda(batch):
+    query, key, value, k_cache, v_cache, meta = batch
+    for name in ("cu_seqlens_q", "cu_seqlens_k", "block_tables"):
+        setattr(meta, name, getattr(meta, name).cuda())
+    return query.cuda(), key.cuda(), value.cuda(), k_cache.cuda(), v_cache.cuda(), meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("group", range(1, 9))
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_paged_prefill_kernel_matches_reference_for_every_group_and_head_dim(dtype, head_dim, group, block_size):
+    """Chunks after cached context (tile and key-step edges on both sides), a whole prompt and a
+    one-token chunk in one batch, read through the block tables by csrc/cuda's prefill kernel."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    context_lens, query_lens = [1, 70, 200, 129, 1000, 65], [1, 70, 65, 128, 300, 1]
+    query, _, _, k_cache, v_cache, meta = on_cuda(
+        random_prefill_batch(context_lens, query_lens, 2 * group, 2, head_dim, block_size, seed, dtype))
+    out = torch.full_like(query, float("nan"))
+    torch.ops.s1serve.paged_attention_prefill(out, query, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
+                                              meta.cu_seqlens_k, head_dim**-0.5)
+    want = paged_attention_prefill_reference(query.double(), k_cache.double(), v_cache.double(), meta, head_dim**-0.5)
+    assert relative_error(out, want) < TOLERANCE[dtype], f"seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_long_chunks_after_cached_context_read_the_cache_through_the_prefill_kernel_on_cuda(dtype):
+    """A follow-up turn of 300 tokens after a 16k context: no gather, the reference's result."""
+    query, key, value, k_cache, v_cache, meta = on_cuda(
+        random_prefill_batch([16384, 400], [300, 400], 28, 4, 128, 16, seed=5, dtype=dtype))
+    assert not through_decode_kernel("cuda", meta) and through_paged_prefill_kernel(query, meta)
+    got = paged_attention_prefill(query, key, value, k_cache, v_cache, meta, 128**-0.5)
+    want = paged_attention_prefill_reference(query.double(), k_cache.double(), v_cache.double(), meta, 128**-0.5)
+    assert torch.isfinite(got).all() and relative_error(got, want) < TOLERANCE[dtype]
+
+
+def test_cuda_prefill_binding_refuses_what_it_does_not_cover():
+    query, _, _, k_cache, v_cache, meta = on_cuda(
+        random_prefill_batch([40, 9], [8, 9], 8, 2, 128, 16, seed=3, dtype=torch.bfloat16))
+    op = torch.ops.s1serve.paged_attention_prefill
+    out = torch.empty_like(query)
+    cu_q, cu_k, tables = meta.cu_seqlens_q, meta.cu_seqlens_k, meta.block_tables
+    cases = {
+        "block_tables": (out, query, k_cache, v_cache, tables.cpu(), cu_q, cu_k),
+        "one entry per sequence": (out, query, k_cache, v_cache, tables[:1], cu_q, cu_k),
+        "int32": (out, query, k_cache, v_cache, tables, cu_q.long(), cu_k),
+        "float16 or bfloat16": (out.float(), query.float(), k_cache.float(), v_cache.float(), tables, cu_q, cu_k),
+        "dtypes differ": (out, query, k_cache, v_cache.half(), tables, cu_q, cu_k),
+    }
+    for message, args in cases.items():
+        with pytest.raises(RuntimeError, match=message):
+            op(*args, 1.0)
+    torch.cuda.synchronize()  # nothing faulted on the device
 
 
 def cuda_prefill_batch(dtype, block_size, seed):
