@@ -70,12 +70,14 @@ def case(batch: int, context: int) -> dict:
     return row
 
 
-def forced_end_chunk(context: int = 32768, chunk: int = 8) -> dict:
-    """Budget forcing's forced end: an 8-token chunk after a 32k context, per layer. The engine's
-    path (each query row through the decode kernel, reading the cache in place) against the
-    gather of the whole context that flash-attn / SDPA need."""
+def chunk_after_context(context: int, chunk: int, path: str) -> dict:
+    """One layer's attention for `chunk` new tokens after a `context`-token cache, bf16: the
+    engine's path (`path`: "decode_kernel" for budget forcing's short chunks, "paged_prefill" for
+    longer ones; both read the cache in place) against the gather of the whole context that
+    flash-attn / SDPA need."""
     from server.models.paged_attention import (PrefillMetadata, gather_context, paged_attention_prefill,
-                                               paged_attention_prefill_reference, prefill_sdpa, through_decode_kernel)
+                                               paged_attention_prefill_reference, prefill_flash_attn, prefill_sdpa,
+                                               through_decode_kernel, through_paged_prefill_kernel)
 
     blocks = context // BLOCK
     k_cache = torch.randn(blocks + 1, BLOCK, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
@@ -84,51 +86,22 @@ def forced_end_chunk(context: int = 32768, chunk: int = 8) -> dict:
     meta = PrefillMetadata.build([chunk], [context], [table], torch.device("cuda"))
     query = torch.randn(chunk, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     scale = HEAD_DIM**-0.5
-    assert through_decode_kernel("cuda", meta)
+    short = through_decode_kernel("cuda", meta)
+    assert short if path == "decode_kernel" else not short and through_paged_prefill_kernel(query, meta)
     keys, values = gather_context(k_cache, v_cache, meta)
     new_k, new_v = keys[-chunk:], values[-chunk:]
     ours = paged_attention_prefill(query, new_k, new_v, k_cache, v_cache, meta, scale)
     want = paged_attention_prefill_reference(query.float(), k_cache.float(), v_cache.float(), meta, scale)
     row = {"context": context, "chunk": chunk, "max_abs_err": float((ours.float() - want).abs().max()),
-           "decode_kernel_s": timed(lambda: paged_attention_prefill(query, new_k, new_v, k_cache, v_cache, meta, scale)),
-           "gather_s": timed(lambda: gather_context(k_cache, v_cache, meta)),
-           "gather_and_sdpa_s": timed(lambda: prefill_sdpa(query, new_k, new_v, k_cache, v_cache, meta, scale))}
-    return row
-
-
-def follow_up_chunk(context: int = 32768, chunk: int = 512) -> dict:
-    """A 512-token chunk after a 32k context (a follow-up turn, a long forced answer), per layer:
-    the paged prefill kernel reading the cache in place, against gathering the context for
-    flash-attn (when installed) or SDPA."""
-    from server.models.paged_attention import (PrefillMetadata, gather_context, paged_attention_prefill,
-                                               paged_attention_prefill_reference, prefill_sdpa,
-                                               through_paged_prefill_kernel)
-
-    blocks = context // BLOCK
-    k_cache = torch.randn(blocks + 1, BLOCK, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
-    v_cache = torch.randn_like(k_cache)
-    table = (torch.randperm(blocks, device="cuda") + 1).tolist()
-    meta = PrefillMetadata.build([chunk], [context], [table], torch.device("cuda"))
-    query = torch.randn(chunk, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
-    scale = HEAD_DIM**-0.5
-    assert through_paged_prefill_kernel(query, meta)
-    keys, values = gather_context(k_cache, v_cache, meta)
-    new_k, new_v = keys[-chunk:], values[-chunk:]
-    ours = paged_attention_prefill(query, new_k, new_v, k_cache, v_cache, meta, scale)
-    want = paged_attention_prefill_reference(query.float(), k_cache.float(), v_cache.float(), meta, scale)
-    flops = 4 * chunk * context * HEADS * HEAD_DIM
-    row = {"context": context, "chunk": chunk, "max_abs_err": float((ours.float() - want).abs().max()),
-           "paged_prefill_s": timed(lambda: paged_attention_prefill(query, new_k, new_v, k_cache, v_cache, meta, scale)),
+           f"{path}_s": timed(lambda: paged_attention_prefill(query, new_k, new_v, k_cache, v_cache, meta, scale)),
            "gather_s": timed(lambda: gather_context(k_cache, v_cache, meta)),
            "gather_and_sdpa_s": timed(lambda: prefill_sdpa(query, new_k, new_v, k_cache, v_cache, meta, scale))}
     try:
-        from server.models.paged_attention import prefill_flash_attn
-
         row["gather_and_flash_attn_s"] = timed(
             lambda: prefill_flash_attn(query, new_k, new_v, k_cache, v_cache, meta, scale))
     except ImportError:
         row["gather_and_flash_attn_s"] = None
-    row["paged_prefill_tflops"] = flops / row["paged_prefill_s"] / 1e12
+    row[f"{path}_tflops"] = 4 * chunk * context * HEADS * HEAD_DIM / row[f"{path}_s"] / 1e12
     return row
 
 
@@ -143,9 +116,9 @@ def main() -> None:
         row["csrc_share_of_copy_bandwidth"] = row["csrc_gbps"] / result["hbm_copy_gbps"]
         result["cases"].append(row)
         print(json.dumps(row), flush=True)
-    result["forced_end_chunk"] = forced_end_chunk()
+    result["forced_end_chunk"] = chunk_after_context(32768, 8, "decode_kernel")
     print(json.dumps(result["forced_end_chunk"]), flush=True)
-    result["follow_up_chunk"] = follow_up_chunk()
+    result["follow_up_chunk"] = chunk_after_context(32768, 512, "paged_prefill")
     print(json.dumps(result["follow_up_chunk"]), flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

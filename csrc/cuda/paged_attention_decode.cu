@@ -11,6 +11,7 @@
 
 #include <cfloat>
 
+#include "dispatch.cuh"
 #include "kernels.h"
 
 namespace s1serve::cuda {
@@ -314,24 +315,11 @@ cudaError_t launch(const DecodeArgs& d, const KernelArgs& a, cudaStream_t stream
   return cudaGetLastError();
 }
 
-template <typename T, int HEAD_DIM>
-cudaError_t dispatch_group(const DecodeArgs& d, const KernelArgs& a, cudaStream_t stream) {
-  if (a.group <= 1) return launch<T, HEAD_DIM, 1>(d, a, stream);
-  if (a.group <= 2) return launch<T, HEAD_DIM, 2>(d, a, stream);
-  if (a.group <= 4) return launch<T, HEAD_DIM, 4>(d, a, stream);
-  return launch<T, HEAD_DIM, 8>(d, a, stream);
-}
-
 template <typename T>
 cudaError_t dispatch_head_dim(const DecodeArgs& d, const KernelArgs& a, cudaStream_t stream) {
-  switch (d.head_dim) {
-    case 16: return dispatch_group<T, 16>(d, a, stream);
-    case 32: return dispatch_group<T, 32>(d, a, stream);
-    case 64: return dispatch_group<T, 64>(d, a, stream);
-    case 128: return dispatch_group<T, 128>(d, a, stream);
-    case 256: return dispatch_group<T, 256>(d, a, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_shape(d.head_dim, a.group, [&](auto dim, auto group) {
+    return launch<T, decltype(dim)::value, decltype(group)::value>(d, a, stream);
+  });
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 
 #include <cmath>
 
+#include "dispatch.cuh"
 #include "kernels.h"
 
 namespace s1serve::cuda {
@@ -221,24 +222,11 @@ cudaError_t launch(const PrefillArgs& p, const KernelArgs& a, cudaStream_t strea
   return cudaGetLastError();
 }
 
-template <typename T, int HEAD_DIM>
-cudaError_t dispatch_group(const PrefillArgs& p, const KernelArgs& a, cudaStream_t stream) {
-  if (a.group <= 1) return launch<T, HEAD_DIM, 1>(p, a, stream);
-  if (a.group <= 2) return launch<T, HEAD_DIM, 2>(p, a, stream);
-  if (a.group <= 4) return launch<T, HEAD_DIM, 4>(p, a, stream);
-  return launch<T, HEAD_DIM, 8>(p, a, stream);
-}
-
 template <typename T>
 cudaError_t dispatch_head_dim(const PrefillArgs& p, const KernelArgs& a, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 16: return dispatch_group<T, 16>(p, a, stream);
-    case 32: return dispatch_group<T, 32>(p, a, stream);
-    case 64: return dispatch_group<T, 64>(p, a, stream);
-    case 128: return dispatch_group<T, 128>(p, a, stream);
-    case 256: return dispatch_group<T, 256>(p, a, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_shape(p.head_dim, a.group, [&](auto dim, auto group) {
+    return launch<T, decltype(dim)::value, decltype(group)::value>(p, a, stream);
+  });
 }
 
 }  // namespace
