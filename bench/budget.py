@@ -94,7 +94,7 @@ def s1_loop(llm: LLM, prompts: list[list[int]], max_tokens: int, bias: dict, min
     return {"seconds": seconds, "output_tokens": sum(map(len, outs)), "waits": waits, "token_ids": outs}
 
 
-def overhead(llm: LLM, prompts: list[list[int]], max_tokens: int, delimiter: int, repeats: int = 2) -> dict:
+def overhead(llm: LLM, prompts: list[list[int]], max_tokens: int, delimiter: int, repeats: int = 4) -> dict:
     """The same number of tokens with and without a budget (max_think where the answer's minimum
     room begins, so it triggers once, at the end), run in ABBA order `repeats` times and the
     fastest of each kept: on these machines the order alone moves a run by 10%."""
