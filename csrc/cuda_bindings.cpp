@@ -9,6 +9,7 @@
 #include <initializer_list>
 #include <utility>
 
+#include "attention_checks.h"
 #include "cuda/kernels.h"
 
 namespace s1serve {
@@ -38,33 +39,25 @@ void check_launch(cudaError_t status, const char* op) {
   TORCH_CHECK(status == cudaSuccess, op, ": ", cudaGetErrorString(status));
 }
 
+// The attention kernels' compile-time shapes (kernels.h decode_supported; the engine refuses other
+// models at start-up).
+void check_kernel_shape(const char* op, const torch::Tensor& query, const torch::Tensor& k_cache) {
+  TORCH_CHECK(cuda::decode_supported(static_cast<int>(query.size(1)), static_cast<int>(k_cache.size(2)),
+                                     static_cast<int>(query.size(2))),
+              op, ": ", query.size(1), " heads over ", k_cache.size(2), " KV heads of dim ", query.size(2),
+              " is not supported by the CUDA kernel (GQA group <= ", cuda::kDecodeMaxGroup,
+              ", head_dim in 16/32/64/128/256)");
+}
+
 void paged_attention_decode(torch::Tensor out, const torch::Tensor& query, const torch::Tensor& k_cache,
                             const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                             const torch::Tensor& context_lens, double scale) {
   check_same_device("paged_attention_decode", {{"query", &query}, {"out", &out}, {"k_cache", &k_cache},
                                               {"v_cache", &v_cache}, {"block_tables", &block_tables},
                                               {"context_lens", &context_lens}});
-  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
-              "query (seqs, heads, dim) and caches (blocks, block_size, kv_heads, dim) expected");
-  TORCH_CHECK(query.size(2) == k_cache.size(3), "head_dim of query and cache differ");
-  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
-  TORCH_CHECK(cuda::decode_supported(static_cast<int>(query.size(1)), static_cast<int>(k_cache.size(2)),
-                                     static_cast<int>(query.size(2))),
-              "paged_attention_decode: ", query.size(1), " heads over ", k_cache.size(2), " KV heads of dim ",
-              query.size(2), " is not supported by the CUDA kernel (GQA group <= ", cuda::kDecodeMaxGroup,
-              ", head_dim in 16/32/64/128/256)");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && context_lens.scalar_type() == torch::kLong,
-              "block_tables and context_lens must be int64");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == query.size(0) && context_lens.dim() == 1 &&
-                  context_lens.size(0) == query.size(0),
-              "block_tables (num_seqs, max_blocks) and context_lens (num_seqs,) must have one row per query");
+  check_decode_args(out, query, k_cache, v_cache, block_tables, context_lens);
+  check_kernel_shape("paged_attention_decode", query, k_cache);
   TORCH_CHECK(query.size(0) <= kMaxGridY, "paged_attention_decode: at most ", kMaxGridY, " sequences per call");
-  TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  block_tables.is_contiguous() && context_lens.is_contiguous() && out.is_contiguous(),
-              "contiguous tensors expected");
-  TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type(), "out must match query");
-  TORCH_CHECK(k_cache.scalar_type() == query.scalar_type() && v_cache.scalar_type() == query.scalar_type(),
-              "cache and query dtypes differ");
   TORCH_CHECK(k_cache.size(0) * k_cache.size(1) < (int64_t{1} << 31), "paged_attention_decode: at most 2^31 cache slots");
   // The kernel reads 16 bytes at a time.
   for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&out, &query, &k_cache, &v_cache})
@@ -101,31 +94,11 @@ void paged_attention_prefill(torch::Tensor out, const torch::Tensor& query, cons
   check_same_device("paged_attention_prefill", {{"query", &query}, {"out", &out}, {"k_cache", &k_cache},
                                                {"v_cache", &v_cache}, {"block_tables", &block_tables},
                                                {"cu_seqlens_q", &cu_seqlens_q}, {"cu_seqlens_k", &cu_seqlens_k}});
-  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
-              "query (tokens, heads, dim) and caches (blocks, block_size, kv_heads, dim) expected");
-  TORCH_CHECK(query.size(2) == k_cache.size(3), "head_dim of query and cache differ");
-  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
+  check_prefill_args(out, query, k_cache, v_cache, block_tables, cu_seqlens_q, cu_seqlens_k);
   TORCH_CHECK(query.scalar_type() == torch::kHalf || query.scalar_type() == torch::kBFloat16,
               "paged_attention_prefill on CUDA takes float16 or bfloat16 (fp32 runs SDPA), got ", query.scalar_type());
-  TORCH_CHECK(cuda::decode_supported(static_cast<int>(query.size(1)), static_cast<int>(k_cache.size(2)),
-                                     static_cast<int>(query.size(2))),
-              "paged_attention_prefill: ", query.size(1), " heads over ", k_cache.size(2), " KV heads of dim ",
-              query.size(2), " is not supported by the CUDA kernel (GQA group <= ", cuda::kDecodeMaxGroup,
-              ", head_dim in 16/32/64/128/256)");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && block_tables.dim() == 2, "block_tables must be 2-D int64");
-  TORCH_CHECK(cu_seqlens_q.scalar_type() == torch::kInt && cu_seqlens_k.scalar_type() == torch::kInt,
-              "cu_seqlens must be int32");
+  check_kernel_shape("paged_attention_prefill", query, k_cache);
   const int64_t num_seqs = block_tables.size(0);
-  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.numel() == num_seqs + 1 && cu_seqlens_k.dim() == 1 &&
-                  cu_seqlens_k.numel() == num_seqs + 1,
-              "cu_seqlens need one entry per sequence (block table row) plus one");
-  TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  block_tables.is_contiguous() && cu_seqlens_q.is_contiguous() && cu_seqlens_k.is_contiguous() &&
-                  out.is_contiguous(),
-              "contiguous tensors expected");
-  TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type(), "out must match query");
-  TORCH_CHECK(k_cache.scalar_type() == query.scalar_type() && v_cache.scalar_type() == query.scalar_type(),
-              "cache and query dtypes differ");
   TORCH_CHECK(query.size(0) < (int64_t{1} << 31), "paged_attention_prefill: fewer than 2^31 query rows");
   for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&out, &query, &k_cache, &v_cache})
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, "paged_attention_prefill: tensors must be 16-byte aligned");

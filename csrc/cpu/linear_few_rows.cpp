@@ -3,10 +3,10 @@
 // bandwidth, or close to it. oneDNN's packed GEMM reaches ~20 GB/s at one row on these 2-core
 // machines and ~14 GB/s at 13; streaming the row-major weight four rows at a time, each load
 // shared by up to six rows of x and the rows ahead prefetched, reaches ~29 GB/s at one row. bf16
-// weights use AVX512-BF16's dot-product instruction where the CPU has it (bf16 products are exact in fp32, so only the
-// summation order differs from oneDNN's); otherwise they are widened to fp32. Accumulation is fp32
-// throughout, and each output is summed in one order whatever M is: a row's result does not
-// depend on the rows beside it.
+// weights use AVX512-BF16's dot-product instruction where the CPU has it (bf16 products are exact
+// in fp32, so only the summation order differs from oneDNN's); otherwise they are widened to fp32.
+// Accumulation is fp32 throughout, and each output is summed in one order whatever M is: a row's
+// result does not depend on the rows beside it.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>

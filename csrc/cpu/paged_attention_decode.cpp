@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../attention_checks.h"
 #include "isa.h"
 #include "vec.h"
 
@@ -30,6 +31,7 @@ struct Shape {
   int64_t partitions, blocks_per_partition;  // and the context into `partitions`, merged at the end
   bool bf16_pairs;  // a bf16 cache on a CPU with VDPBF16PS, head_dim a multiple of 32: the paired path
   int64_t step_blocks, step_keys;  // the paired path's blocks (and keys) per softmax step
+  int64_t score_stride;  // floats of score scratch per head: step_keys (>= block_size) rounded up to 16
 };
 
 // Where a task's result goes: straight to `out` (one partition), or normalized to `partial`
@@ -45,7 +47,7 @@ template <typename V>
 S1_INLINE void block_scores(const Shape& s, float* __restrict scores, const float* q, const float* k_rows,
                             int64_t row_stride, int64_t n, int64_t heads) {
   constexpr int64_t L = kLanes<V>;
-  const int64_t chunks = s.head_dim / L;
+  const int64_t lane_chunks = s.head_dim / L;
   for (int64_t h = 0; h < heads; ++h) {
     const float* k_head = k_rows + (h / s.group) * s.head_dim;
     const float* qh = q + h * s.head_dim;
@@ -53,15 +55,17 @@ S1_INLINE void block_scores(const Shape& s, float* __restrict scores, const floa
     int64_t t = 0;
     for (; t + 8 <= n; t += 8) {  // eight keys at a time: eight independent chains, one vector of sums
       V part[8] = {};
-      for (int64_t c = 0; c < chunks; ++c)
-        for (int j = 0; j < 8; ++j) part[j] += loadv<V>(k_head + (t + j) * row_stride + L * c) * loadv<V>(qh + L * c);
+      for (int64_t c = 0; c < lane_chunks; ++c) {
+        const V qc = loadv<V>(qh + L * c);
+        for (int j = 0; j < 8; ++j) part[j] += loadv<V>(k_head + (t + j) * row_stride + L * c) * qc;
+      }
       vec8 folded[8];
       for (int j = 0; j < 8; ++j) folded[j] = fold8(part[j]);
       store8(sc + t, hsum8x8(folded));
     }
     for (; t < n; ++t) {
       V sum{};
-      for (int64_t c = 0; c < chunks; ++c) sum += loadv<V>(k_head + t * row_stride + L * c) * loadv<V>(qh + L * c);
+      for (int64_t c = 0; c < lane_chunks; ++c) sum += loadv<V>(k_head + t * row_stride + L * c) * loadv<V>(qh + L * c);
       sc[t] = hsum(fold8(sum));
     }
   }
@@ -83,17 +87,18 @@ S1_INLINE vec16 run_scores(const c10::BFloat16* q, const c10::BFloat16* k, int64
 }
 
 // One step of the paired path (a bf16 cache on VDPBF16PS) over n keys (s.step_keys at most, in
-// runs of 16 rows from k_runs[r]), every head of the task: scores in vectors of 16 keys, each head's max, the running maxima and their corrections for all
-// heads at once, then per head exp, sum and PV on the probabilities rounded to bf16 pairs (as
-// flash-attn rounds P). scores holds 16-float runs per head (score_stride apart); v_pairs is the
-// step's V in pair_rows_bf16's layout; maxima/corrections hold heads rounded up to 16 floats.
+// runs of 16 rows from k_runs[r], the task's first kv head), every head of the task: scores in
+// vectors of 16 keys, each head's max, the running maxima and their corrections for all heads at
+// once, then per head exp, sum and PV on the probabilities rounded to bf16 pairs (as flash-attn
+// rounds P). scores holds 16-float runs per head (s.score_stride apart); v_pairs is the step's V
+// in pair_rows_bf16's layout; maxima/corrections hold round_up_16(heads) floats.
 S1_INLINE void paired_step(const Shape& s, int64_t heads, const c10::BFloat16* q, const c10::BFloat16* const* k_runs,
                            const c10::BFloat16* v_pairs, int64_t width, int64_t n, float scale,
                            float* __restrict scores, float* __restrict acc, float* __restrict running_max,
                            float* __restrict running_sum, float* __restrict maxima) {
   constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
   const vec16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const int64_t runs = (n + 15) / 16, score_stride = 16 * ((s.step_keys + 15) / 16);
+  const int64_t runs = (n + 15) / 16;
   for (int64_t h = 0; h < heads; ++h) {
     float block_max = kMinusInf;
     for (int64_t r = 0; r < runs; ++r) {
@@ -102,7 +107,7 @@ S1_INLINE void paired_step(const Shape& s, int64_t heads, const c10::BFloat16* q
       vec16 sc = (m == 16 ? run_scores<true>(q + h * s.head_dim, k, s.slot_stride, s.head_dim, m)
                           : run_scores<false>(q + h * s.head_dim, k, s.slot_stride, s.head_dim, m)) * scale;
       if (m < 16) sc = select_lanes(lane < static_cast<float>(m), sc, vec16{} + kMinusInf);
-      storev(scores + h * score_stride + 16 * r, sc);
+      storev(scores + h * s.score_stride + 16 * r, sc);
       block_max = std::max(block_max, hmax16(sc));
     }
     maxima[h] = block_max;
@@ -115,7 +120,7 @@ S1_INLINE void paired_step(const Shape& s, int64_t heads, const c10::BFloat16* q
     storev(running_max + h, new_max);
   }
   for (int64_t h = 0; h < heads; ++h) {
-    float* sc = scores + h * score_stride;
+    float* sc = scores + h * s.score_stride;
     vec16 sum{};
     for (int64_t r = 0; r < runs; ++r) {
       const vec16 x = loadv<vec16>(sc + 16 * r) - running_max[h];
@@ -134,15 +139,15 @@ S1_INLINE void paired_step(const Shape& s, int64_t heads, const c10::BFloat16* q
 }
 #endif
 
-// Floats per head of a task's running-max, running-sum and block-max arrays: heads rounded up to
-// 16, so the paired path updates them a vector at a time.
-S1_INLINE int64_t padded_heads(int64_t heads) { return (heads + 15) / 16 * 16; }
+// Score scratch per head and the running arrays' length are rounded up to whole vec16s, so the
+// paired path reads and updates them a vector at a time.
+S1_INLINE int64_t round_up_16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // One sequence, kv heads [kv_begin, kv_end) and the query heads they serve. Taking all kv heads
 // of a sequence at once reads each cached token's K/V row as one contiguous run, which is what
 // keeps the memory system streaming (per-head tasks read 1/num_kv_heads of each row and run
 // several times slower here). q/acc are scratch of num_heads*head_dim floats, scores of
-// num_heads*(block_size rounded up to 16) floats, running of 3*padded_heads(num_heads) floats.
+// num_heads*s.score_stride floats, running of 3*round_up_16(num_heads) floats.
 //
 // V is the vector the dot products and the PV sums run on: vec16 in the AVX-512 build (head_dim a
 // multiple of 16), vec8 elsewhere; the widening path's softmax over a block's scores stays on vec8.
@@ -165,7 +170,7 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
     for (int64_t c = 0; c < chunks; ++c) store8(q + h * s.head_dim + 8 * c, load8(src + 8 * c) * scale);
   }
   std::fill(acc, acc + heads * s.head_dim, 0.0f);
-  const int64_t padded = padded_heads(heads);
+  const int64_t padded = round_up_16(heads);
   float* running_max = running;
   float* running_sum = running + padded;
   std::fill(running_max, running_max + padded, -std::numeric_limits<float>::infinity());
@@ -183,16 +188,16 @@ S1_INLINE void decode_task(const Shape& s, int64_t seq, int64_t kv_begin, int64_
   if constexpr (kBf16Pairs<V, scalar_t>) {
     // s.step_blocks blocks per step: the softmax bookkeeping and the PV accumulators' loads and
     // stores are per step, so fewer, longer steps cost less per key
+    // (the run pointers are gathered once per step: recomputing them per head, with a division
+    // by the block size, measured ~4% slower)
     c10::BFloat16* v_pairs = reinterpret_cast<c10::BFloat16*>(kv_f32);
-    std::vector<const c10::BFloat16*> k_runs((s.step_keys + 15) / 16);
+    std::vector<const c10::BFloat16*> k_runs(s.score_stride / 16);
     for (int64_t b = block_begin; paired && b < num_blocks; b += s.step_blocks) {
       int64_t n = 0;
       for (int64_t j = b; j < std::min(b + s.step_blocks, num_blocks); ++j) {
-        const int64_t nj = std::min(bs, ctx - j * bs);
-        const c10::BFloat16* k_block = k_ptr + table[j] * s.block_stride + kv_begin * s.head_dim;
-        pair_rows_bf16(v_pairs + n * width, v_ptr + table[j] * s.block_stride + kv_begin * s.head_dim, nj, width,
-                       s.slot_stride, next_block(j + 1));
-        for (int64_t r = 0; 16 * r < nj; ++r) k_runs[n / 16 + r] = k_block + 16 * r * s.slot_stride;
+        const int64_t nj = std::min(bs, ctx - j * bs), at = table[j] * s.block_stride + kv_begin * s.head_dim;
+        pair_rows_bf16(v_pairs + n * width, v_ptr + at, nj, width, s.slot_stride, next_block(j + 1));
+        for (int64_t r = 0; 16 * r < nj; ++r) k_runs[n / 16 + r] = k_ptr + at + 16 * r * s.slot_stride;
         n += nj;
       }
       paired_step(s, heads, q_ptr + (seq * s.num_heads + head0) * s.head_dim, k_runs.data(), v_pairs, width, n, scale,
@@ -332,6 +337,7 @@ void decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
   constexpr int64_t kStepKeys = 32;
   s.step_blocks = s.block_size % 16 == 0 ? std::max<int64_t>(1, kStepKeys / s.block_size) : 1;
   s.step_keys = s.step_blocks * s.block_size;
+  s.score_stride = round_up_16(s.step_keys);
   const int64_t num_seqs = query.size(0), want_tasks = 4 * at::get_num_threads();
   // Enough sequences: one task each. Few sequences with long contexts (the s1 regime: one
   // stream, thousands of thinking tokens): whole K/V rows, the context split into partitions of
@@ -362,7 +368,7 @@ void decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
   at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t heads = s.kv_per_slice * s.group;
     std::vector<float> q(heads * s.head_dim), acc(heads * s.head_dim);
-    std::vector<float> scores(heads * 16 * ((s.step_keys + 15) / 16)), running(3 * padded_heads(heads));
+    std::vector<float> scores(heads * s.score_stride), running(3 * round_up_16(heads));
     std::vector<float> kv_f32(std::is_same_v<scalar_t, float> ? 0 : 2 * s.step_keys * s.kv_per_slice * s.head_dim);
     task_range(s, begin, end, q_ptr, k_ptr, v_ptr, out_ptr, partial.empty() ? nullptr : partial.data(), tables, lens,
                static_cast<float>(scale), q.data(), acc.data(), scores.data(), running.data(), kv_f32.data());
@@ -378,21 +384,8 @@ void decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
 void paged_attention_decode(torch::Tensor out, const torch::Tensor& query, const torch::Tensor& k_cache,
                             const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                             const torch::Tensor& context_lens, double scale) {
-  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
-              "query (seqs, heads, dim) and caches (blocks, block_size, kv_heads, dim) expected");
-  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
-  TORCH_CHECK(query.size(2) == k_cache.size(3), "head_dim of query and cache differ");
+  check_decode_args(out, query, k_cache, v_cache, block_tables, context_lens);
   TORCH_CHECK(query.size(2) % 8 == 0, "head_dim must be a multiple of 8");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && context_lens.scalar_type() == torch::kLong,
-              "block_tables and context_lens must be int64");
-  TORCH_CHECK(block_tables.size(0) == query.size(0) && context_lens.size(0) == query.size(0),
-              "one block table and one context length per sequence");
-  TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  block_tables.is_contiguous() && context_lens.is_contiguous() && out.is_contiguous(),
-              "contiguous tensors expected");
-  TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type(), "out must match query");
-  TORCH_CHECK(k_cache.scalar_type() == query.scalar_type() && v_cache.scalar_type() == query.scalar_type(),
-              "cache and query dtypes differ");
   TORCH_CHECK(context_lens.numel() == 0 || context_lens.min().item<int64_t>() >= 1, "context lengths must be >= 1");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention_decode", [&] {
     decode<scalar_t>(out, query, k_cache, v_cache, block_tables, context_lens, scale);

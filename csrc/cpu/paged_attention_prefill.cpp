@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../attention_checks.h"
 #include "isa.h"
 #include "vec.h"
 
@@ -232,24 +233,9 @@ S1_DEFINE_PREFILL_TASKS(at::Half)
 void paged_attention_prefill(torch::Tensor out, const torch::Tensor& query, const torch::Tensor& k_cache,
                              const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                              const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k, double scale) {
-  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
-              "query (tokens, heads, dim) and caches (blocks, block_size, kv_heads, dim) expected");
-  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
-  TORCH_CHECK(query.size(2) == k_cache.size(3) && query.size(2) % 8 == 0,
-              "head_dim of query and cache must agree and be a multiple of 8");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kLong, "block_tables must be int64");
-  TORCH_CHECK(cu_seqlens_q.scalar_type() == torch::kInt && cu_seqlens_k.scalar_type() == torch::kInt,
-              "cu_seqlens must be int32");
+  check_prefill_args(out, query, k_cache, v_cache, block_tables, cu_seqlens_q, cu_seqlens_k);
+  TORCH_CHECK(query.size(2) % 8 == 0, "head_dim must be a multiple of 8");
   const int64_t num_seqs = block_tables.size(0);
-  TORCH_CHECK(cu_seqlens_q.numel() == num_seqs + 1 && cu_seqlens_k.numel() == num_seqs + 1,
-              "cu_seqlens need one entry per sequence plus one");
-  TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  block_tables.is_contiguous() && cu_seqlens_q.is_contiguous() && cu_seqlens_k.is_contiguous() &&
-                  out.is_contiguous(),
-              "contiguous tensors expected");
-  TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type(), "out must match query");
-  TORCH_CHECK(k_cache.scalar_type() == query.scalar_type() && v_cache.scalar_type() == query.scalar_type(),
-              "cache and query dtypes differ");
 
   PrefillShape s;
   s.num_heads = query.size(1);
