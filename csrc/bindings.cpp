@@ -22,8 +22,11 @@ TORCH_LIBRARY(s1serve, m) {
   m.def("rotary_embedding(Tensor(a!) query, Tensor(b!) key, Tensor cos, Tensor sin) -> ()");
   // Each row's first maximum (greedy sampling) without widening bf16 logits to fp32.
   m.def("argmax_rows(Tensor(a!) out, Tensor logits) -> ()");
-  // One row through a linear layer, streaming the row-major weight (CPU decode of one stream).
+  // A few rows through a linear layer, streaming the row-major weight (CPU decode of a few streams).
   m.def("linear_few_rows(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias) -> ()");
+  // A bf16 linear on AMX tiles over pack_for_amx's weight layout (CPU decode steps of a batch).
+  m.def("linear_amx(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
+  m.def("cpu_has_amx_bf16() -> bool", [] { return s1serve::cpu_has_amx_bf16(); });
   // Which vector ISA the CPU kernels run (avx512 | avx2 | baseline; $S1SERVE_CPU_ISA can lower it).
   m.def("cpu_isa() -> str", [] { return std::string(s1serve::isa_name(s1serve::cpu_isa())); });
 }

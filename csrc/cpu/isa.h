@@ -47,6 +47,9 @@ inline bool cpu_has_dpbf16() {
 #endif
 }
 
+// AMX-BF16 usable by this process (csrc/cpu/linear_amx.cpp), where the AVX-512 build runs.
+bool cpu_has_amx_bf16();
+
 inline const char* isa_name(Isa isa) {
   return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "baseline";
 }

@@ -13,7 +13,7 @@ import torch
 from ..errors import InvalidConfigError, UnsupportedModelError
 from ..models import ModelConfig, load_model
 from ..models.loader import safetensors_files
-from ..models.packed_linear import onednn_linear_available, pack_linears
+from ..models.packed_linear import PackedLinear, onednn_linear_available, pack_linears
 from ..models.paged_attention import (
     CUDA_DECODE_HEAD_DIMS,
     CUDA_DECODE_MAX_GROUP,
@@ -145,7 +145,9 @@ class ModelRunner:
         self.model = load_model(model_dir, self.dtype, self.device, self.shard)
         # fp32 / bf16 on the CPU: oneDNN with weights packed once (pack_linears picks those layers); else torch's GEMM.
         packed = onednn_linear_available() and pack_linears(self.model, config.max_num_seqs, config.quantization)
-        self.linear_backend = ("onednn-packed" if packed else "torch") + (f" + {config.quantization}" if config.quantization else "")
+        amx = packed and any(isinstance(m, PackedLinear) and m.amx_weight is not None for m in self.model.modules())
+        self.linear_backend = ("onednn-packed" if packed else "torch") + (" + amx" if amx else "") + (
+            f" + {config.quantization}" if config.quantization else "")
         if profile:
             self.num_blocks = smallest_across_ranks(self._blocks_for_gpu(config, cfg, bytes_per_block, at_start), self.device)
         # (k/v, layer, block, slot in block, kv head, head_dim)
