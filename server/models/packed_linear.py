@@ -14,9 +14,10 @@ oneDNN's ~20; it stays ahead up to 16 rows in fp32 and 8 in bf16 (`FEW_ROWS`, me
 default model's layer shapes: `python bench/kernels.py --only linear`), where oneDNN's blocked
 (AMX) kernels take over. The layer keeps both layouts, so its weights take twice the memory.
 On a CPU with AMX, bf16 steps of up to AMX_ROWS rows (a decode batch) run csrc's `linear_amx`
-on weights packed into AMX tiles instead (`pack_for_amx`): one sequential stream, ~25% faster
-than oneDNN from 8 to 64 rows and within a few percent of `linear_few_rows` at one; that packed
-copy replaces the plain one.
+on weights packed into AMX tiles instead (`pack_for_amx`): one sequential stream, 20-30% faster
+than oneDNN from 4 to 64 rows and than `linear_few_rows` from 4 rows, 10-15% slower than
+`linear_few_rows` at one or two rows. The packed copy replaces the plain one, so the weights
+still take twice their size rather than three times.
 
 With `--quantization int4` (bf16 only) a step of up to INT4_ROWS rows runs on 4-bit weights
 (int4.py) and larger ones on oneDNN over their dequantization; no plain copy is kept.
