@@ -27,7 +27,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from results_io import save
+from results_io import result_path, write
 from server.cli import resolve_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,12 +144,21 @@ def main() -> None:
            "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}", "OMP_NUM_THREADS": str(os.cpu_count()),
            "HF_HUB_OFFLINE": "1"}
     runs: dict[str, list[dict]] = {}
+    path = result_path("peers")
     for rep in range(args.reps):
-        for name, (python, path) in engines.items():
+        for name, (python, path_or_model) in engines.items():
             engine = name if not name.startswith("llama.cpp") else "llama.cpp"
-            result = run_engine(python, engine, path, work / "workload.json", env)
+            result = run_engine(python, engine, path_or_model, work / "workload.json", env)
             runs.setdefault(name, []).append(result)
             print(name, rep, json.dumps(result)[:300], flush=True)
+            # after every run, so a round that has to be stopped keeps what it measured
+            write(path, {"args": vars(args), "packages": [VLLM, LLAMA], "runs": runs, "table": summarize(runs)})
+    print(json.dumps(summarize(runs), indent=1))
+    print(f"wrote {path}")
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Per engine the best and median of each figure over its rounds, and ratios to s1serve fp32."""
     table = {}
     base = None
     for name, results in runs.items():
@@ -168,10 +177,7 @@ def main() -> None:
         if base and "error" not in row:
             row["throughput_ratio_to_s1serve_fp32"] = row["throughput_tokens_per_s"]["best"] / base["throughput_tokens_per_s"]["best"]
             row["one_stream_speed_ratio_to_s1serve_fp32"] = base["ms_per_token_one_stream"]["best"] / row["ms_per_token_one_stream"]["best"]
-    path = save("peers", {"args": vars(args), "packages": [VLLM, LLAMA], "runs": runs, "table": table})
-    print(json.dumps(table, indent=1))
-    print(f"wrote {path}")
-
+    return table
 
 if __name__ == "__main__":
     main()

@@ -1,13 +1,13 @@
-// A bf16 linear layer (out = x W^T + b) on AMX tiles, for decode steps of one to ~100 rows. There
-// every weight is read once per step and the layer is bound by memory bandwidth: oneDNN's AMX
-// matmul streams the default model's weights at ~14-20 GB/s at 8-96 rows on these 2-core
-// machines, this kernel at ~18-24 (`python bench/kernels.py --only linear`). The weight is packed
-// once at load (`pack_for_amx` in server/models/packed_linear.py) into AMX B tiles of 32 input
-// features x 16 outputs, one block of 16 outputs after another, so the whole matrix is one
-// sequential stream for the hardware prefetchers. Two output blocks are computed together against
-// one or two 16-row tiles of x, so each weight tile load feeds up to two products and each x tile
-// load two. Accumulation is fp32, over the input features in one order whatever the number of
-// rows: a row's result does not depend on the rows beside it.
+// A bf16 linear layer (out = x W^T + b) on AMX tiles, for decode steps (PackedLinear gives it up
+// to 64 rows). There every weight is read once per step and the layer is bound by memory
+// bandwidth: oneDNN's AMX matmul streams the default model's weights at ~12-16 GB/s at 8-64 rows
+// on these 2-core machines, this kernel at ~15-23 (`python bench/kernels.py --only linear`).
+// The weight is packed once at load (`pack_for_amx` in server/models/packed_linear.py) into AMX
+// B tiles of 32 input features x 16 outputs, one block of 16 outputs after another, so the whole
+// matrix is one sequential stream for the hardware prefetchers. Two output blocks are computed
+// together against one or two 16-row tiles of x, so each weight tile load feeds up to two
+// products and each x tile load two. Accumulation is fp32, over the input features in one order
+// whatever the number of rows: a row's result does not depend on the rows beside it.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
