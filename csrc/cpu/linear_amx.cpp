@@ -26,6 +26,7 @@
 #endif
 
 #include "isa.h"
+#include "vec.h"
 
 namespace s1serve {
 
@@ -102,16 +103,11 @@ S1_TARGET_AMX S1_INLINE void tile_products(float* c, const at::BFloat16* x, int6
   if constexpr (MT > 1 && NB > 1) _tile_stored(3, c + 768, 64);
 }
 
-S1_TARGET_AMX S1_INLINE __m512 widen_bf16x16(const at::BFloat16* p) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
 // Rows [m, m + rows) of output block b from a 16 x 16 fp32 tile plus the bias, rounded to bf16
 // (round to nearest even, as torch rounds).
 S1_TARGET_AMX S1_INLINE void store_rows(at::BFloat16* out, int64_t N, const float* tile, const at::BFloat16* bias,
                                         int64_t m, int64_t rows, int64_t b) {
-  const __m512 bias_v = bias == nullptr ? _mm512_setzero_ps() : widen_bf16x16(bias + b * kTileN);
+  const __m512 bias_v = bias == nullptr ? _mm512_setzero_ps() : static_cast<__m512>(load16(bias + b * kTileN));
   for (int64_t r = 0; r < rows; ++r)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (m + r) * N + b * kTileN),
                         (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(tile + r * kTileN), bias_v)));
