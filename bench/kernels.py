@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from results_io import save
 
 from server.models.int4 import Int4Weight, quantize_int4
-from server.models.packed_linear import AMX_ROWS, FEW_ROWS, amx_available, pack_for_amx
+from server.models.packed_linear import AMX_ROWS, FEW_ROWS, amx_available, pack_for_amx, packs
 from server.models.paged_attention import (
     PrefillMetadata,
     paged_attention_decode,
@@ -85,6 +85,9 @@ def bench_linear(args) -> dict:
     gen = torch.Generator().manual_seed(2)
     result = {}
     for dtype in (torch.float32, torch.bfloat16):
+        if not packs(dtype):  # oneDNN has no bf16 on this CPU: nothing to compare against
+            print(f"linear {str(dtype).removeprefix('torch.')}: skipped, oneDNN takes no {dtype} weights on this CPU")
+            continue
         layers = [torch.nn.Linear(k, n, bias=False) for k, n in LINEAR_SHAPES]
         for layer in layers:
             layer.weight.data = torch.randn(layer.out_features, layer.in_features, generator=gen).div_(24).to(dtype)

@@ -10,8 +10,22 @@ import torch
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (these machines are not all alike: AVX-512 + AMX Xeons, AVX2 EPYCs)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def machine() -> dict:
+    import server.engine  # noqa: F401  (loads csrc's ops)
+
+    isa = torch.ops.s1serve.cpu_isa() if hasattr(torch.ops.s1serve, "cpu_isa") else "unknown"
+    amx = hasattr(torch.ops.s1serve, "cpu_has_amx_bf16") and torch.ops.s1serve.cpu_has_amx_bf16()
     return {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(), "isa": isa + (" + amx" if amx else ""),
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 

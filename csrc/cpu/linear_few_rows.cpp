@@ -25,68 +25,83 @@
 namespace s1serve {
 namespace {
 
-constexpr int64_t kRowsPerStep = 4;   // weight rows sharing each load of x
-constexpr int64_t kXRowsPerStep = 6;  // x rows sharing each load of the weight
 constexpr int64_t kRowsPerTask = 32;  // weight rows per parallel task
+
+// How many weight rows share each load of x (R) and x rows share each load of the weight (MR),
+// per vector type: the R * MR accumulators, R weight vectors and one x vector must fit in the
+// ISA's registers, or every FMA spills (at 4-6 rows AVX2 ran 3-10x slower than oneDNN with the
+// AVX-512 shape). vec16: 29 of AVX-512's 32 registers; vec8: 13 of AVX2's 16.
+template <typename V>
+struct TileShape;
+template <>
+struct TileShape<vec16> {
+  static constexpr int R = 4, MR = 6;
+};
+template <>
+struct TileShape<vec8> {
+  static constexpr int R = 4, MR = 2;
+};
+
+template <typename V>
+S1_INLINE V load_weights(const float* p) { return loadv<V>(p); }
+template <typename V>
+S1_INLINE V load_weights(const at::BFloat16* p) { return load_bf16<V>(p); }
+S1_INLINE float hsum_lanes(vec8 v) { return hsum(v); }
+S1_INLINE float hsum_lanes(vec16 v) { return hsum16(v); }
 
 // Rows [m, m + MR) of x (widened to fp32, K floats apart) times weight rows [n, n + R): R * MR
 // sums, each accumulated in the same order whatever MR is, so a row's result does not depend on
 // how many rows share the step.
-template <typename T, int R, int MR>
+template <typename T, typename V, int R, int MR>
 S1_INLINE void tile(T* out, int64_t ldo, const float* xf, const T* w, const T* bias, int64_t n, int64_t m,
                     int64_t K) {
-  const int64_t whole = K / 16 * 16;
-  vec16 acc[R][MR] = {};
-  for (int64_t k = 0; k < whole; k += 16) {
-    vec16 wv[R];
+  constexpr int64_t L = kLanes<V>;
+  const int64_t whole = K / L * L;
+  V acc[R][MR] = {};
+  for (int64_t k = 0; k < whole; k += L) {
+    V wv[R];
     for (int r = 0; r < R; ++r) {
-      wv[r] = load16(w + (n + r) * K + k);
+      wv[r] = load_weights<V>(w + (n + r) * K + k);
       __builtin_prefetch(w + (n + 2 * R + r) * K + k, 0, 2);  // the next rows' line: memory overlaps the FMAs
     }
     for (int i = 0; i < MR; ++i) {
-      const vec16 xv = load16(xf + (m + i) * K + k);
+      const V xv = loadv<V>(xf + (m + i) * K + k);
       for (int r = 0; r < R; ++r) acc[r][i] += wv[r] * xv;
     }
   }
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < MR; ++i) {
-      float s = hsum16(acc[r][i]);
+      float s = hsum_lanes(acc[r][i]);
       for (int64_t k = whole; k < K; ++k) s += static_cast<float>(w[(n + r) * K + k]) * xf[(m + i) * K + k];
       out[(m + i) * ldo + n + r] = static_cast<T>(bias == nullptr ? s : s + static_cast<float>(bias[n + r]));
     }
 }
 
-// Weight rows [n, n + R) against every x row, kXRowsPerStep at a time: the R weight rows come from
-// memory once and from L1 for the other x rows.
-template <typename T, int R>
-S1_INLINE void weight_rows(T* out, int64_t ldo, const float* xf, const T* w, const T* bias, int64_t n, int64_t M,
-                           int64_t K) {
-  int64_t m = 0;
-  for (; m + kXRowsPerStep <= M; m += kXRowsPerStep) tile<T, R, kXRowsPerStep>(out, ldo, xf, w, bias, n, m, K);
-  switch (M - m) {
-    case 5: tile<T, R, 5>(out, ldo, xf, w, bias, n, m, K); break;
-    case 4: tile<T, R, 4>(out, ldo, xf, w, bias, n, m, K); break;
-    case 3: tile<T, R, 3>(out, ldo, xf, w, bias, n, m, K); break;
-    case 2: tile<T, R, 2>(out, ldo, xf, w, bias, n, m, K); break;
-    case 1: tile<T, R, 1>(out, ldo, xf, w, bias, n, m, K); break;
-    default: break;
-  }
+// Weight rows [n, n + R) against x rows [m, M), MR at a time and the remainder in one smaller
+// tile: the R weight rows come from memory once and from L1 for the other x rows.
+template <typename T, typename V, int R, int MR = TileShape<V>::MR>
+S1_INLINE void weight_rows(T* out, int64_t ldo, const float* xf, const T* w, const T* bias, int64_t n, int64_t m,
+                           int64_t M, int64_t K) {
+  for (; m + MR <= M; m += MR) tile<T, V, R, MR>(out, ldo, xf, w, bias, n, m, K);
+  if constexpr (MR > 1)
+    if (m < M) weight_rows<T, V, R, MR - 1>(out, ldo, xf, w, bias, n, m, M, K);
 }
 
 // Output columns [n_begin, n_end) of out = x W^T + bias for all M rows of x.
-template <typename T>
+template <typename T, typename V>
 S1_INLINE void linear_task_body(T* out, const float* xf, const T* w, const T* bias, int64_t M, int64_t N,
                                 int64_t n_begin, int64_t n_end, int64_t K) {
+  constexpr int R = TileShape<V>::R;
   int64_t n = n_begin;
-  for (; n + kRowsPerStep <= n_end; n += kRowsPerStep) weight_rows<T, kRowsPerStep>(out, N, xf, w, bias, n, M, K);
-  for (; n < n_end; ++n) weight_rows<T, 1>(out, N, xf, w, bias, n, M, K);
+  for (; n + R <= n_end; n += R) weight_rows<T, V, R>(out, N, xf, w, bias, n, 0, M, K);
+  for (; n < n_end; ++n) weight_rows<T, V, 1>(out, N, xf, w, bias, n, 0, M, K);
 }
 
 #define S1_DEFINE_LINEAR_TASK(T)                                                                             \
   S1_ISA_VARIANTS(linear_task,                                                                               \
                   (T * out, const float* xf, const T* w, const T* bias, int64_t M, int64_t N, int64_t b,     \
                    int64_t e, int64_t K),                                                                    \
-                  (out, xf, w, bias, M, N, b, e, K), linear_task_body<T>(out, xf, w, bias, M, N, b, e, K);)
+                  (out, xf, w, bias, M, N, b, e, K), linear_task_body<T, isa_vec>(out, xf, w, bias, M, N, b, e, K);)
 S1_DEFINE_LINEAR_TASK(float)
 S1_DEFINE_LINEAR_TASK(at::BFloat16)
 
@@ -120,28 +135,22 @@ S1_TARGET_DPBF16 S1_INLINE void tile_dpbf16(at::BFloat16* out, int64_t ldo, cons
     }
 }
 
-template <int R>
+template <int R, int MR = TileShape<vec16>::MR>
 S1_TARGET_DPBF16 S1_INLINE void weight_rows_dpbf16(at::BFloat16* out, int64_t ldo, const at::BFloat16* x,
                                                    const at::BFloat16* w, const at::BFloat16* bias, int64_t n,
-                                                   int64_t M, int64_t K) {
-  int64_t m = 0;
-  for (; m + kXRowsPerStep <= M; m += kXRowsPerStep) tile_dpbf16<R, kXRowsPerStep>(out, ldo, x, w, bias, n, m, K);
-  switch (M - m) {
-    case 5: tile_dpbf16<R, 5>(out, ldo, x, w, bias, n, m, K); break;
-    case 4: tile_dpbf16<R, 4>(out, ldo, x, w, bias, n, m, K); break;
-    case 3: tile_dpbf16<R, 3>(out, ldo, x, w, bias, n, m, K); break;
-    case 2: tile_dpbf16<R, 2>(out, ldo, x, w, bias, n, m, K); break;
-    case 1: tile_dpbf16<R, 1>(out, ldo, x, w, bias, n, m, K); break;
-    default: break;
-  }
+                                                   int64_t m, int64_t M, int64_t K) {
+  for (; m + MR <= M; m += MR) tile_dpbf16<R, MR>(out, ldo, x, w, bias, n, m, K);
+  if constexpr (MR > 1)
+    if (m < M) weight_rows_dpbf16<R, MR - 1>(out, ldo, x, w, bias, n, m, M, K);
 }
 
 S1_TARGET_DPBF16 void linear_task_dpbf16(at::BFloat16* out, const at::BFloat16* x, const at::BFloat16* w,
                                          const at::BFloat16* bias, int64_t M, int64_t N, int64_t n_begin,
                                          int64_t n_end, int64_t K) {
+  constexpr int R = TileShape<vec16>::R;
   int64_t n = n_begin;
-  for (; n + kRowsPerStep <= n_end; n += kRowsPerStep) weight_rows_dpbf16<kRowsPerStep>(out, N, x, w, bias, n, M, K);
-  for (; n < n_end; ++n) weight_rows_dpbf16<1>(out, N, x, w, bias, n, M, K);
+  for (; n + R <= n_end; n += R) weight_rows_dpbf16<R>(out, N, x, w, bias, n, 0, M, K);
+  for (; n < n_end; ++n) weight_rows_dpbf16<1>(out, N, x, w, bias, n, 0, M, K);
 }
 
 #endif

@@ -30,7 +30,6 @@ from .int4 import Int4Weight, dequantize_int4, int4_supported, quantize_int4
 from .paged_attention import has_csrc_kernel
 
 
-PACKED_DTYPES = (torch.float32, torch.bfloat16)
 FEW_ROWS = {torch.float32: 16, torch.bfloat16: 8}  # the most rows linear_few_rows takes, per dtype
 INT4_ROWS = 4  # the most rows the int4 kernel takes (it is slower than oneDNN's bf16 from about 8)
 AMX_ROWS = 64  # the most rows linear_amx takes (oneDNN catches up by ~96 and is ahead at prefill sizes)
@@ -59,6 +58,13 @@ def amx_takes(weight: torch.Tensor) -> bool:
 
 def onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN takes this dtype's weights here: fp32 always, bf16 only on CPUs with
+    AVX-512 (oneDNN refuses to reorder bf16 weights on an AVX2 CPU, where a bf16 model runs
+    torch's own linear instead)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class PackedLinear(nn.Module):
@@ -108,7 +114,7 @@ def pack_linears(model: nn.Module, batch_hint: int, quantization: str | None = N
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu" and child.weight.dtype in PACKED_DTYPES:
+            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu" and packs(child.weight.dtype):
                 int4 = (quantization == "int4" and name != "lm_head"
                         and int4_supported(child.out_features, child.in_features))
                 setattr(parent, name, PackedLinear(child, batch_hint, int4=int4))
