@@ -22,28 +22,33 @@ namespace s1serve {
 namespace {
 
 // fp32 leaves values as they are; bf16 rounds them like a bf16 torch op's result.
-S1_INLINE vec16 round16(vec16 v, const float*) { return v; }
-S1_INLINE vec16 round16(vec16 v, const at::BFloat16*) { return round_bf16(v); }
+template <typename V>
+S1_INLINE V round_as(V v, const float*) { return v; }
+template <typename V>
+S1_INLINE V round_as(V v, const at::BFloat16*) { return round_bf16(v); }
 template <typename T>
 S1_INLINE float round1(float v) {
   return static_cast<float>(static_cast<T>(v));
 }
 
+// The kernels below run on V, the ISA's vector (isa.h's isa_vec): vec16 on AVX-512, vec8 elsewhere.
+
 // out[r] = norm(x'[r]) * weight with x' = x + residual (written back to residual) or x alone.
-template <typename T>
+template <typename V, typename T>
 S1_INLINE void rms_norm_rows(T* out, T* residual, const T* x, const T* weight, int64_t rows_begin,
                              int64_t rows_end, int64_t dim, int64_t x_stride, float eps) {
-  const int64_t whole = dim / 16 * 16;
+  constexpr int64_t L = kLanes<V>;
+  const int64_t whole = dim / L * L;
   for (int64_t r = rows_begin; r < rows_end; ++r) {
     const T* xr = x + r * x_stride;
     T* res = residual == nullptr ? nullptr : residual + r * dim;
     const T* src = xr;
-    vec16 sq{};
+    V sq{};
     float tail = 0.0f;
     if (res != nullptr) {  // residual = round(x + residual): the add HF does in the model's dtype
-      for (int64_t d = 0; d < whole; d += 16) {
-        const vec16 v = round16(load16(xr + d) + load16(res + d), xr);
-        store16(res + d, v);
+      for (int64_t d = 0; d < whole; d += L) {
+        const V v = round_as(load_lanes<V>(xr + d) + load_lanes<V>(res + d), xr);
+        store_lanes(res + d, v);
         sq += v * v;
       }
       for (int64_t d = whole; d < dim; ++d) {
@@ -53,16 +58,16 @@ S1_INLINE void rms_norm_rows(T* out, T* residual, const T* x, const T* weight, i
       }
       src = res;
     } else {
-      for (int64_t d = 0; d < whole; d += 16) {
-        const vec16 v = load16(xr + d);
+      for (int64_t d = 0; d < whole; d += L) {
+        const V v = load_lanes<V>(xr + d);
         sq += v * v;
       }
       for (int64_t d = whole; d < dim; ++d) tail += static_cast<float>(xr[d]) * static_cast<float>(xr[d]);
     }
-    const float inv = 1.0f / std::sqrt((hsum16(sq) + tail) / static_cast<float>(dim) + eps);
+    const float inv = 1.0f / std::sqrt((hsum_lanes(sq) + tail) / static_cast<float>(dim) + eps);
     T* o = out + r * dim;
-    for (int64_t d = 0; d < whole; d += 16)
-      store16(o + d, round16(load16(src + d) * inv, src) * load16(weight + d));
+    for (int64_t d = 0; d < whole; d += L)
+      store_lanes(o + d, round_as(load_lanes<V>(src + d) * inv, src) * load_lanes<V>(weight + d));
     for (int64_t d = whole; d < dim; ++d)
       o[d] = static_cast<T>(round1<T>(static_cast<float>(src[d]) * inv) * static_cast<float>(weight[d]));
   }
@@ -75,20 +80,22 @@ S1_INLINE float silu1(float x) {
   return x * (x >= 0 ? inv : e * inv);
 }
 
-// silu1 on sixteen lanes, with vec.h's lane-wise exp.
-S1_INLINE vec16 silu16(vec16 x) {
-  vec16i bits;
+// silu1 on every lane, with vec.h's lane-wise exp.
+template <typename V>
+S1_INLINE V silu_lanes(V x) {
+  using M = decltype(x < x);
+  M bits;
   std::memcpy(&bits, &x, sizeof(bits));
   bits &= 0x7FFFFFFF;
-  vec16 abs_x;
+  V abs_x;
   std::memcpy(&abs_x, &bits, sizeof(abs_x));
-  const vec16 e = exp_nonpositive_lanes(vec16{} - abs_x);  // exp(-|x|)
-  const vec16 inv = 1.0f / (1.0f + e);
+  const V e = exp_nonpositive_lanes(V{} - abs_x);  // exp(-|x|)
+  const V inv = 1.0f / (1.0f + e);
   return x * select_lanes(x >= 0.0f, inv, e * inv);
 }
 
 // out[r] = round(round(silu(gate)) * up), gate_up[r] = [gate | up] of width 2 * dim.
-template <typename T>
+template <typename V, typename T>
 S1_INLINE void silu_and_mul_rows(T* out, const T* gate_up, int64_t rows_begin, int64_t rows_end, int64_t dim,
                                  int64_t stride) {
   for (int64_t r = rows_begin; r < rows_end; ++r) {
@@ -96,21 +103,23 @@ S1_INLINE void silu_and_mul_rows(T* out, const T* gate_up, int64_t rows_begin, i
     const T* u = g + dim;
     T* o = out + r * dim;
     int64_t d = 0;
-    for (; d + 16 <= dim; d += 16) store16(o + d, round16(round16(silu16(load16(g + d)), g) * load16(u + d), g));
+    for (; d + kLanes<V> <= dim; d += kLanes<V>)
+      store_lanes(o + d, round_as(round_as(silu_lanes(load_lanes<V>(g + d)), g) * load_lanes<V>(u + d), g));
     for (; d < dim; ++d) o[d] = static_cast<T>(round1<T>(silu1(static_cast<float>(g[d]))) * static_cast<float>(u[d]));
   }
 }
 
 // Rotate-half RoPE in place on one head row: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s], each
 // product rounded to T before the add (as `q * cos + rotate_half(q) * sin` does in T).
-template <typename T>
+template <typename V, typename T>
 S1_INLINE void rope_row(T* x, const T* cos, const T* sin, int64_t half) {
   int64_t d = 0;
-  for (; d + 16 <= half; d += 16) {
-    const vec16 x1 = load16(x + d), x2 = load16(x + half + d);
-    const vec16 c1 = load16(cos + d), s1 = load16(sin + d), c2 = load16(cos + half + d), s2 = load16(sin + half + d);
-    store16(x + d, round16(x1 * c1, x) - round16(x2 * s1, x));
-    store16(x + half + d, round16(x2 * c2, x) + round16(x1 * s2, x));
+  for (; d + kLanes<V> <= half; d += kLanes<V>) {
+    const V x1 = load_lanes<V>(x + d), x2 = load_lanes<V>(x + half + d);
+    const V c1 = load_lanes<V>(cos + d), s1 = load_lanes<V>(sin + d), c2 = load_lanes<V>(cos + half + d),
+            s2 = load_lanes<V>(sin + half + d);
+    store_lanes(x + d, round_as(x1 * c1, x) - round_as(x2 * s1, x));
+    store_lanes(x + half + d, round_as(x2 * c2, x) + round_as(x1 * s2, x));
   }
   for (; d < half; ++d) {
     const float x1 = static_cast<float>(x[d]), x2 = static_cast<float>(x[half + d]);
@@ -120,35 +129,39 @@ S1_INLINE void rope_row(T* x, const T* cos, const T* sin, int64_t half) {
   }
 }
 
-template <typename T>
+template <typename V, typename T>
 S1_INLINE void rope_tokens(T* q, T* k, const T* cos, const T* sin, int64_t begin, int64_t end, int64_t q_heads,
                            int64_t k_heads, int64_t head_dim, int64_t q_stride, int64_t k_stride) {
   for (int64_t t = begin; t < end; ++t) {
     const T* c = cos + t * head_dim;
     const T* s = sin + t * head_dim;
-    for (int64_t h = 0; h < q_heads; ++h) rope_row(q + t * q_stride + h * head_dim, c, s, head_dim / 2);
-    for (int64_t h = 0; h < k_heads; ++h) rope_row(k + t * k_stride + h * head_dim, c, s, head_dim / 2);
+    for (int64_t h = 0; h < q_heads; ++h) rope_row<V>(q + t * q_stride + h * head_dim, c, s, head_dim / 2);
+    for (int64_t h = 0; h < k_heads; ++h) rope_row<V>(k + t * k_stride + h * head_dim, c, s, head_dim / 2);
   }
 }
 
-// The index of a row's first maximum (torch.max's), 16 lanes at a time: each lane keeps its own
+// The index of a row's first maximum (torch.max's), a vector at a time: each lane keeps its own
 // first maximum, then the lanes' largest value with the smallest index wins. A NaN never wins.
-template <typename T>
+template <typename V, typename T>
 S1_INLINE int64_t argmax_row(const T* x, int64_t n) {
+  using M = decltype(V{} < V{});
+  constexpr int64_t L = kLanes<V>;
   int64_t best = 0, d = 1;
   float best_value = static_cast<float>(x[0]);
-  if (n >= 32) {
-    vec16 top = load16(x);
-    vec16i index = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, at = index;
-    for (d = 16; d + 16 <= n; d += 16) {
-      at += 16;
-      const vec16 v = load16(x + d);
-      const vec16i greater = v > top;
+  if (n >= 2 * L) {
+    V top = load_lanes<V>(x);
+    M index, at;
+    for (int lane = 0; lane < L; ++lane) index[lane] = lane;
+    at = index;
+    for (d = L; d + L <= n; d += L) {
+      at += static_cast<int32_t>(L);
+      const V v = load_lanes<V>(x + d);
+      const M greater = v > top;
       top = select_lanes(greater, v, top);
       index = select_lanes(greater, at, index);
     }
     best_value = -std::numeric_limits<float>::infinity();
-    for (int lane = 0; lane < 16; ++lane)
+    for (int lane = 0; lane < L; ++lane)
       if (top[lane] > best_value || (top[lane] == best_value && index[lane] < best)) {
         best_value = top[lane];
         best = index[lane];
@@ -170,15 +183,15 @@ S1_INLINE int64_t argmax_row(const T* x, int64_t n) {
                   (T * out, T * residual, const T* x, const T* weight, int64_t b, int64_t e, int64_t dim,        \
                    int64_t x_stride, float eps),                                                                 \
                   (out, residual, x, weight, b, e, dim, x_stride, eps),                                          \
-                  rms_norm_rows<T>(out, residual, x, weight, b, e, dim, x_stride, eps);)                         \
+                  rms_norm_rows<isa_vec>(out, residual, x, weight, b, e, dim, x_stride, eps);)                         \
   S1_ISA_VARIANTS(silu_and_mul_task, (T * out, const T* gate_up, int64_t b, int64_t e, int64_t dim, int64_t stride), \
-                  (out, gate_up, b, e, dim, stride), silu_and_mul_rows<T>(out, gate_up, b, e, dim, stride);)    \
+                  (out, gate_up, b, e, dim, stride), silu_and_mul_rows<isa_vec>(out, gate_up, b, e, dim, stride);)    \
   S1_ISA_VARIANTS(rope_task,                                                                                     \
                   (T * q, T * k, const T* cos, const T* sin, int64_t b, int64_t e, int64_t qh, int64_t kh,       \
                    int64_t hd, int64_t qs, int64_t ks),                                                          \
-                  (q, k, cos, sin, b, e, qh, kh, hd, qs, ks), rope_tokens<T>(q, k, cos, sin, b, e, qh, kh, hd, qs, ks);) \
+                  (q, k, cos, sin, b, e, qh, kh, hd, qs, ks), rope_tokens<isa_vec>(q, k, cos, sin, b, e, qh, kh, hd, qs, ks);) \
   S1_ISA_VARIANTS(argmax_task, (int64_t * out, const T* x, int64_t b, int64_t e, int64_t n, int64_t stride),       \
-                  (out, x, b, e, n, stride), for (int64_t r = b; r < e; ++r) out[r] = argmax_row(x + r * stride, n);)
+                  (out, x, b, e, n, stride), for (int64_t r = b; r < e; ++r) out[r] = argmax_row<isa_vec>(x + r * stride, n);)
 S1_FUSED_KERNELS(float)
 S1_FUSED_KERNELS(at::BFloat16)
 

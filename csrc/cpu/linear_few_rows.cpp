@@ -42,13 +42,6 @@ struct TileShape<vec8> {
   static constexpr int R = 4, MR = 2;
 };
 
-template <typename V>
-S1_INLINE V load_weights(const float* p) { return loadv<V>(p); }
-template <typename V>
-S1_INLINE V load_weights(const at::BFloat16* p) { return load_bf16<V>(p); }
-S1_INLINE float hsum_lanes(vec8 v) { return hsum(v); }
-S1_INLINE float hsum_lanes(vec16 v) { return hsum16(v); }
-
 // Rows [m, m + MR) of x (widened to fp32, K floats apart) times weight rows [n, n + R): R * MR
 // sums, each accumulated in the same order whatever MR is, so a row's result does not depend on
 // how many rows share the step.
@@ -61,7 +54,7 @@ S1_INLINE void tile(T* out, int64_t ldo, const float* xf, const T* w, const T* b
   for (int64_t k = 0; k < whole; k += L) {
     V wv[R];
     for (int r = 0; r < R; ++r) {
-      wv[r] = load_weights<V>(w + (n + r) * K + k);
+      wv[r] = load_lanes<V>(w + (n + r) * K + k);
       __builtin_prefetch(w + (n + 2 * R + r) * K + k, 0, 2);  // the next rows' line: memory overlaps the FMAs
     }
     for (int i = 0; i < MR; ++i) {

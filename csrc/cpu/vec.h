@@ -153,29 +153,46 @@ template <typename V>
 S1_INLINE void storev(float* p, V v) {
   std::memcpy(p, &v, sizeof(v));
 }
-S1_INLINE vec16 load16(const float* p) { return loadv<vec16>(p); }
-S1_INLINE vec16 load16(const c10::BFloat16* p) { return load_bf16<vec16>(p); }
-S1_INLINE void store16(float* p, vec16 v) { storev(p, v); }
 // Each lane rounded to the nearest bf16 (ties to even, as c10::BFloat16 rounds), kept as fp32.
-S1_INLINE vec16 round_bf16(vec16 v) {
-  u32x16 w;
+template <typename V>
+S1_INLINE V round_bf16(V v) {
+  typename Bf16Bits<V>::u32 w;
   std::memcpy(&w, &v, sizeof(w));
   w = (w + 0x7FFFu + ((w >> 16) & 1u)) & 0xFFFF0000u;
   std::memcpy(&v, &w, sizeof(v));
   return v;
 }
-S1_INLINE void store16(c10::BFloat16* p, vec16 v) {
-  u32x16 w;
-  const vec16 rounded = round_bf16(v);
+
+// Loads and stores of V's lane count from / to fp32 or bf16 memory (bf16: widened on load,
+// rounded to nearest even on store). Kernels templated on the ISA's vector (isa_vec) use these:
+// a vec16 in an AVX2 build is two registers that GCC spills through the stack at every compare
+// and select, which made the AVX2 argmax and few-row linear several times slower than torch's.
+template <typename V>
+S1_INLINE V load_lanes(const float* p) { return loadv<V>(p); }
+template <typename V>
+S1_INLINE V load_lanes(const c10::BFloat16* p) { return load_bf16<V>(p); }
+template <typename V>
+S1_INLINE void store_lanes(float* p, V v) { storev(p, v); }
+template <typename V>
+S1_INLINE void store_lanes(c10::BFloat16* p, V v) {
+  typename Bf16Bits<V>::u32 w;
+  const V rounded = round_bf16(v);
   std::memcpy(&w, &rounded, sizeof(w));
-  const u16x16 h = __builtin_convertvector(w >> 16, u16x16);
+  const typename Bf16Bits<V>::u16 h = __builtin_convertvector(w >> 16, typename Bf16Bits<V>::u16);
   std::memcpy(p, &h, sizeof(h));
 }
+S1_INLINE vec16 load16(const float* p) { return loadv<vec16>(p); }
+S1_INLINE vec16 load16(const c10::BFloat16* p) { return load_bf16<vec16>(p); }
+S1_INLINE void store16(float* p, vec16 v) { storev(p, v); }
+S1_INLINE void store16(c10::BFloat16* p, vec16 v) { store_lanes(p, v); }
 S1_INLINE float hsum16(vec16 v) {
   float s = 0.0f;
   for (int i = 0; i < 16; ++i) s += v[i];
   return s;
 }
+S1_INLINE float hsum_lanes(vec8 v) { return hsum(v); }
+S1_INLINE float hsum_lanes(vec16 v) { return hsum16(v); }
+
 // The largest lane: halves folded with max, four rounds of shuffles.
 S1_INLINE float hmax16(vec16 v) {
   const vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
