@@ -17,7 +17,7 @@ prefill chunk), fp32 and bf16: csrc's `linear_few_rows`, csrc's `linear_amx` (bf
 AMX), torch's weight-only int4 kernel of
 `--quantization int4` (groups of 32) and its int8 one (per-channel scales), each against oneDNN's
 packed GEMM on the plain weights (the quantized kernels in bf16 only: with fp32 activations they
-measured 4-130x slower than oneDNN here). Where they win is FEW_ROWS, AMX_ROWS and INT4_ROWS in
+measured 4-130x slower than oneDNN here). Where they win is FEW_ROWS (few_rows_limit), AMX_ROWS and INT4_ROWS in
 server/models/packed_linear.py.
 
     python bench/kernels.py                         # SmolLM2-135M's attention shape
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from results_io import save
 
 from server.models.int4 import Int4Weight, quantize_int4
-from server.models.packed_linear import AMX_ROWS, FEW_ROWS, amx_available, pack_for_amx, packs
+from server.models.packed_linear import AMX_ROWS, amx_available, few_rows_limit, pack_for_amx, packs
 from server.models.paged_attention import (
     PrefillMetadata,
     paged_attention_decode,
@@ -124,7 +124,7 @@ def bench_linear(args) -> dict:
             rows_table[rows] = {"ms": ms, "vs_onednn": {k: ms["onednn"] / v for k, v in ms.items() if k != "onednn"}}
             print(f"linear {str(dtype).removeprefix('torch.'):8s} rows {rows:3d}: "
                   + "  ".join(f"{k} {v:7.2f} ms" for k, v in ms.items()), flush=True)
-        result[str(dtype).removeprefix("torch.")] = {"few_rows_limit": FEW_ROWS[dtype], "amx_rows_limit": AMX_ROWS if amx else 0,
+        result[str(dtype).removeprefix("torch.")] = {"few_rows_limit": few_rows_limit(dtype), "amx_rows_limit": AMX_ROWS if amx else 0,
                                                    "rows": rows_table}
     return result
 

@@ -10,9 +10,9 @@ faster than fp32 at batch 1 and 1.8x at 32 sequences (torch's own bf16 linear is
 
 A few rows (the decode steps of one to a few streams) instead stream the plain row-major weight
 through csrc's `linear_few_rows`, which reads weights at ~29 GB/s at one row here against
-oneDNN's ~20; it stays ahead up to 16 rows in fp32 and 8 in bf16 (`FEW_ROWS`, measured on the
-default model's layer shapes: `python bench/kernels.py --only linear`), where oneDNN's blocked
-(AMX) kernels take over. The layer keeps both layouts, so its weights take twice the memory.
+oneDNN's ~20; it stays ahead up to 16 rows in fp32 and 8 in bf16 on AVX-512 (`FEW_ROWS`, measured
+on the default model's layer shapes: `python bench/kernels.py --only linear`), and up to 8 in fp32
+on an AVX2 EPYC (1.6x oneDNN at one row there), where oneDNN's blocked (AMX) kernels take over. The layer keeps both layouts, so its weights take twice the memory.
 On a CPU with AMX, bf16 steps of up to AMX_ROWS rows (a decode batch) run csrc's `linear_amx`
 on weights packed into AMX tiles instead (`pack_for_amx`): one sequential stream, 20-30% faster
 than oneDNN from 4 to 64 rows and than `linear_few_rows` from 4 rows, 10-15% slower than
@@ -30,13 +30,19 @@ from .int4 import Int4Weight, dequantize_int4, int4_supported, quantize_int4
 from .paged_attention import has_csrc_kernel
 
 
-FEW_ROWS = {torch.float32: 16, torch.bfloat16: 8}  # the most rows linear_few_rows takes, per dtype
+FEW_ROWS = {torch.float32: 16, torch.bfloat16: 8}  # the most rows linear_few_rows takes, per dtype, on AVX-512
+FEW_ROWS_AVX2 = 8  # on AVX2 (16 registers, 4x2 tiles) oneDNN is ahead from ~12 rows (an AVX2 EPYC, fp32)
 INT4_ROWS = 4  # the most rows the int4 kernel takes (it is slower than oneDNN's bf16 from about 8)
 AMX_ROWS = 64  # the most rows linear_amx takes (oneDNN catches up by ~96 and is ahead at prefill sizes)
 
 
 def few_rows_available() -> bool:
     return has_csrc_kernel("linear_few_rows", "cpu")
+
+
+def few_rows_limit(dtype: torch.dtype) -> int:
+    """The most rows a layer sends to linear_few_rows: where it stays ahead of oneDNN on this ISA."""
+    return FEW_ROWS[dtype] if torch.ops.s1serve.cpu_isa() == "avx512" else min(FEW_ROWS[dtype], FEW_ROWS_AVX2)
 
 
 def amx_available() -> bool:
@@ -84,7 +90,7 @@ class PackedLinear(nn.Module):
         elif amx_takes(weight):
             self.amx_weight = pack_for_amx(weight)
         elif few_rows_available():
-            self.weight, self.few_rows = weight.contiguous(), FEW_ROWS[weight.dtype]
+            self.weight, self.few_rows = weight.contiguous(), few_rows_limit(weight.dtype)
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         self.bias = None if linear.bias is None else linear.bias.detach()
 

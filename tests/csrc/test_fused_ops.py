@@ -106,11 +106,11 @@ def test_a_row_through_the_few_rows_linear_does_not_depend_on_the_rows_beside_it
 
 
 def test_a_packed_linear_takes_the_few_rows_kernel_up_to_its_limit_and_onednn_above():
-    from server.models.packed_linear import FEW_ROWS, PackedLinear
+    from server.models.packed_linear import PackedLinear, few_rows_limit
 
     linear = nn.Linear(64, 96)
     packed = PackedLinear(linear, batch_hint=8)
-    assert packed.few_rows == FEW_ROWS[torch.float32]
+    assert packed.few_rows == few_rows_limit(torch.float32)
     with torch.inference_mode():
         for rows in (1, 5, packed.few_rows, packed.few_rows + 1, 40):
             x = torch.randn(rows, 64)
