@@ -20,12 +20,11 @@ def cpu_model() -> str:
 
 
 def machine() -> dict:
-    import server.engine  # noqa: F401  (loads csrc's ops)
+    import server._C  # noqa: F401  (registers torch.ops.s1serve)
 
-    isa = torch.ops.s1serve.cpu_isa() if hasattr(torch.ops.s1serve, "cpu_isa") else "unknown"
-    amx = hasattr(torch.ops.s1serve, "cpu_has_amx_bf16") and torch.ops.s1serve.cpu_has_amx_bf16()
+    amx = " + amx" if torch.ops.s1serve.cpu_has_amx_bf16() else ""
     return {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "cpu_model": cpu_model(), "isa": isa + (" + amx" if amx else ""),
+            "cpu_model": cpu_model(), "isa": torch.ops.s1serve.cpu_isa() + amx,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 

@@ -13,7 +13,7 @@ import torch
 from ..errors import InvalidConfigError, UnsupportedModelError
 from ..models import ModelConfig, load_model
 from ..models.loader import safetensors_files
-from ..models.packed_linear import PackedLinear, onednn_linear_available, pack_linears
+from ..models.packed_linear import PackedLinear, cpu_has_native_bf16, onednn_linear_available, pack_linears
 from ..models.paged_attention import (
     CUDA_DECODE_HEAD_DIMS,
     CUDA_DECODE_MAX_GROUP,
@@ -52,11 +52,6 @@ def available_memory(device: torch.device) -> int:
         return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):  # not Linux: no check
         return 2**62
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 / AMX, where oneDNN's bf16 kernels (and csrc's linear_few_rows) run natively."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:

@@ -66,11 +66,16 @@ def onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 / AMX, where oneDNN's bf16 kernels (and csrc's linear_few_rows) run natively."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def packs(dtype: torch.dtype) -> bool:
-    """Whether oneDNN takes this dtype's weights here: fp32 always, bf16 only on CPUs with
-    AVX-512 (oneDNN refuses to reorder bf16 weights on an AVX2 CPU, where a bf16 model runs
+    """Whether oneDNN takes this dtype's weights here: fp32 always, bf16 only where the CPU has
+    native bf16 (oneDNN refuses to reorder bf16 weights on an AVX2 CPU, where a bf16 model runs
     torch's own linear instead)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16())
 
 
 class PackedLinear(nn.Module):
