@@ -14,10 +14,10 @@ forcing inserts; SDPA gathers the context and masks). The engine's CPU prefill u
 Linear: the default model's linear layers (30 layers' qkv, o, gate_up and down, and the LM
 head; separate weights per layer, so nothing is served from cache) at 1-32 rows and at 512 (a
 prefill chunk), fp32 and bf16: csrc's `linear_few_rows`, csrc's `linear_amx` (bf16, on CPUs with
-AMX), torch's weight-only int4 kernel of
+AMX) and `linear_dpbf16` (bf16, on CPUs with AVX512-BF16), torch's weight-only int4 kernel of
 `--quantization int4` (groups of 32) and its int8 one (per-channel scales), each against oneDNN's
 packed GEMM on the plain weights (the quantized kernels in bf16 only: with fp32 activations they
-measured 4-130x slower than oneDNN here). Where they win is FEW_ROWS (few_rows_limit), AMX_ROWS and INT4_ROWS in
+measured 4-130x slower than oneDNN here). Where they win is FEW_ROWS (few_rows_limit), AMX_ROWS, DPBF16_ROWS and INT4_ROWS in
 server/models/packed_linear.py.
 
     python bench/kernels.py                         # SmolLM2-135M's attention shape
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from results_io import save
 
 from server.models.int4 import Int4Weight, quantize_int4
-from server.models.packed_linear import AMX_ROWS, amx_available, few_rows_limit, pack_for_amx, packs
+from server.models.packed_linear import (AMX_ROWS, DPBF16_ROWS, amx_available, dpbf16_available, few_rows_limit,
+                                         pack_for_amx, packs)
 from server.models.paged_attention import (
     PrefillMetadata,
     paged_attention_decode,
@@ -98,7 +99,8 @@ def bench_linear(args) -> dict:
         for w in plain if dtype == torch.bfloat16 else []:  # symmetric, one scale per output channel
             scale = w.float().abs().amax(dim=1) / 127
             int8.append(((w.float() / scale[:, None]).round().to(torch.int8), scale.to(dtype)))
-        amx = [pack_for_amx(w) for w in plain] if dtype == torch.bfloat16 and amx_available() else []
+        tiles = [pack_for_amx(w) for w in plain] if dtype == torch.bfloat16 else []
+        amx, dpbf16 = (tiles if amx_available() else []), (tiles if dpbf16_available() else [])
         rows_table = {}
         for rows in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 512):
             xs = [torch.randn(rows, k, generator=gen).to(dtype) for k, _ in LINEAR_SHAPES]
@@ -120,11 +122,15 @@ def bench_linear(args) -> dict:
                 kernels["linear_few_rows"] = few_rows
             if amx and rows <= 96:
                 kernels["linear_amx"] = lambda: [torch.ops.s1serve.linear_amx(o, x, p, None) for x, p, o in zip(xs, amx, outs)]
+            if dpbf16 and rows <= 96:
+                kernels["linear_dpbf16"] = lambda: [torch.ops.s1serve.linear_dpbf16(o, x, p, None)
+                                                    for x, p, o in zip(xs, dpbf16, outs)]
             ms = {name: 1e3 * median_seconds(fn, max(3, args.repeats // 4)) for name, fn in kernels.items()}
             rows_table[rows] = {"ms": ms, "vs_onednn": {k: ms["onednn"] / v for k, v in ms.items() if k != "onednn"}}
             print(f"linear {str(dtype).removeprefix('torch.'):8s} rows {rows:3d}: "
                   + "  ".join(f"{k} {v:7.2f} ms" for k, v in ms.items()), flush=True)
         result[str(dtype).removeprefix("torch.")] = {"few_rows_limit": few_rows_limit(dtype), "amx_rows_limit": AMX_ROWS if amx else 0,
+                                                   "dpbf16_rows_limit": DPBF16_ROWS if dpbf16 and not amx else 0,
                                                    "rows": rows_table}
     return result
 

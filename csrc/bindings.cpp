@@ -27,6 +27,9 @@ TORCH_LIBRARY(s1serve, m) {
   // A bf16 linear on AMX tiles over pack_for_amx's weight layout (CPU decode steps of a batch).
   m.def("linear_amx(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
   m.def("cpu_has_amx_bf16() -> bool", [] { return s1serve::cpu_has_amx_bf16(); });
+  // The same layout through AVX512-BF16 registers, where the CPU has VDPBF16PS but no AMX.
+  m.def("linear_dpbf16(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
+  m.def("cpu_has_dpbf16() -> bool", [] { return s1serve::cpu_has_dpbf16(); });
   // Which vector ISA the CPU kernels run (avx512 | avx2 | baseline; $S1SERVE_CPU_ISA can lower it).
   m.def("cpu_isa() -> str", [] { return std::string(s1serve::isa_name(s1serve::cpu_isa())); });
 }

@@ -140,8 +140,8 @@ class ModelRunner:
         self.model = load_model(model_dir, self.dtype, self.device, self.shard)
         # fp32 / bf16 on the CPU: oneDNN with weights packed once (pack_linears picks those layers); else torch's GEMM.
         packed = onednn_linear_available() and pack_linears(self.model, config.max_num_seqs, config.quantization)
-        amx = packed and any(isinstance(m, PackedLinear) and m.amx_weight is not None for m in self.model.modules())
-        self.linear_backend = ("onednn-packed" if packed else "torch") + (" + amx" if amx else "") + (
+        tiles = {m.tile_kernel for m in self.model.modules() if isinstance(m, PackedLinear) and m.tile_weight is not None}
+        self.linear_backend = ("onednn-packed" if packed else "torch") + "".join(f" + {t}" for t in sorted(tiles)) + (
             f" + {config.quantization}" if config.quantization else "")
         if profile:
             self.num_blocks = smallest_across_ranks(self._blocks_for_gpu(config, cfg, bytes_per_block, at_start), self.device)

@@ -16,8 +16,11 @@ on an AVX2 EPYC (1.6x oneDNN at one row there), where oneDNN's blocked (AMX) ker
 On a CPU with AMX, bf16 steps of up to AMX_ROWS rows (a decode batch) run csrc's `linear_amx`
 on weights packed into AMX tiles instead (`pack_for_amx`): one sequential stream, 20-30% faster
 than oneDNN from 4 to 64 rows and than `linear_few_rows` from 4 rows, 10-15% slower than
-`linear_few_rows` at one or two rows. The packed copy replaces the plain one, so the weights
-still take twice their size rather than three times.
+`linear_few_rows` at one or two rows. On a CPU with AVX512-BF16 but no AMX (AMD Zen 4), the same
+packed layout goes through csrc's `linear_dpbf16` up to DPBF16_ROWS rows: on a 2-core Zen 4 the
+default model's linears at 32 rows take 25 ms against oneDNN's 34 and `linear_few_rows`' 36, and
+as long as `linear_few_rows` at one to eight rows. The packed copy replaces the plain one, so the
+weights still take twice their size rather than three times.
 
 With `--quantization int4` (bf16 only) a step of up to INT4_ROWS rows runs on 4-bit weights
 (int4.py) and larger ones on oneDNN over their dequantization; no plain copy is kept.
@@ -34,6 +37,7 @@ FEW_ROWS = {torch.float32: 16, torch.bfloat16: 8}  # the most rows linear_few_ro
 FEW_ROWS_AVX2 = 8  # on AVX2 (16 registers, 4x2 tiles) oneDNN is ahead from ~12 rows (an AVX2 EPYC, fp32)
 INT4_ROWS = 4  # the most rows the int4 kernel takes (it is slower than oneDNN's bf16 from about 8)
 AMX_ROWS = 64  # the most rows linear_amx takes (oneDNN catches up by ~96 and is ahead at prefill sizes)
+DPBF16_ROWS = 64  # the most rows linear_dpbf16 takes (1.2x oneDNN at 64 rows on a Zen 4, 0.9x at 96)
 
 
 def few_rows_available() -> bool:
@@ -57,9 +61,17 @@ def pack_for_amx(weight: torch.Tensor) -> torch.Tensor:
     return tiles.permute(0, 2, 3, 1, 4).contiguous()
 
 
-def amx_takes(weight: torch.Tensor) -> bool:
+def dpbf16_available() -> bool:
+    return has_csrc_kernel("linear_dpbf16", "cpu") and torch.ops.s1serve.cpu_has_dpbf16()
+
+
+def tile_kernel_for(weight: torch.Tensor) -> str | None:
+    """Which csrc kernel takes this weight's decode steps in pack_for_amx's layout: "amx" on AMX
+    CPUs, "dpbf16" on CPUs with AVX512-BF16 only, None for other weights and CPUs."""
     out_features, in_features = weight.shape
-    return weight.dtype == torch.bfloat16 and out_features % 16 == 0 and in_features % 32 == 0 and amx_available()
+    if weight.dtype != torch.bfloat16 or out_features % 16 or in_features % 32:
+        return None
+    return "amx" if amx_available() else "dpbf16" if dpbf16_available() else None
 
 
 def onednn_linear_available() -> bool:
@@ -80,20 +92,23 @@ def packs(dtype: torch.dtype) -> bool:
 
 class PackedLinear(nn.Module):
     """Drop-in for an fp32 or bf16 `nn.Linear` at inference: the weight packed for oneDNN, and for
-    decode steps the weight packed for AMX (bf16 on AMX CPUs), the plain weight (few rows) or
-    (int4) its 4-bit form."""
+    decode steps the weight packed for AMX or AVX512-BF16 (bf16 on CPUs with either), the plain
+    weight (few rows) or (int4) its 4-bit form."""
 
     def __init__(self, linear: nn.Linear, batch_hint: int, int4: bool = False):
         super().__init__()
         self.out_features = linear.out_features
         weight = linear.weight.detach()
-        self.int4, self.weight, self.few_rows, self.amx_weight = None, None, 0, None
+        self.int4, self.weight, self.few_rows = None, None, 0
+        self.tile_kernel, self.tile_weight, self.tile_rows = None, None, 0
         if int4:
             q, scale, zero = quantize_int4(weight)
             self.int4 = Int4Weight(q, scale, zero, weight.dtype)
             weight = dequantize_int4(q, scale, zero).to(weight.dtype)
-        elif amx_takes(weight):
-            self.amx_weight = pack_for_amx(weight)
+        elif (kernel := tile_kernel_for(weight)) is not None:
+            self.tile_kernel, self.tile_weight = kernel, pack_for_amx(weight)
+            self.tile_linear = getattr(torch.ops.s1serve, f"linear_{kernel}")
+            self.tile_rows = AMX_ROWS if kernel == "amx" else DPBF16_ROWS
         elif few_rows_available():
             self.weight, self.few_rows = weight.contiguous(), few_rows_limit(weight.dtype)
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
@@ -105,9 +120,9 @@ class PackedLinear(nn.Module):
             out = self.int4.matmul(rows.contiguous())
             if self.bias is not None:
                 out += self.bias
-        elif self.amx_weight is not None and rows.shape[0] <= AMX_ROWS:
+        elif rows.shape[0] <= self.tile_rows:
             out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
-            torch.ops.s1serve.linear_amx(out, rows.contiguous(), self.amx_weight, self.bias)
+            self.tile_linear(out, rows.contiguous(), self.tile_weight, self.bias)
         elif rows.shape[0] <= self.few_rows:
             out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
             torch.ops.s1serve.linear_few_rows(out, rows.contiguous(), self.weight, self.bias)

@@ -64,14 +64,14 @@ def test_pack_for_amx_puts_each_weight_where_the_tiles_read_it():
 def test_a_bf16_packed_linear_takes_the_amx_kernel_up_to_its_limit_and_onednn_above():
     linear = nn.Linear(64, 96).bfloat16()
     packed = PackedLinear(linear, batch_hint=8)
-    assert packed.amx_weight is not None and packed.weight is None  # the AMX tiles replace the plain copy
+    assert packed.tile_kernel == "amx" and packed.weight is None  # the AMX tiles replace the plain copy
     with torch.inference_mode():
         for rows in (1, 5, AMX_ROWS, AMX_ROWS + 1, 200):
             x = torch.randn(rows, 64).bfloat16()
             want = nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
             assert relative_error(packed(x).double(), want) < 8e-3, rows
     ragged = PackedLinear(nn.Linear(64, 100).bfloat16(), batch_hint=8)  # 100 outputs: not whole tiles
-    assert ragged.amx_weight is None
+    assert ragged.tile_weight is None
 
 
 @needs_amx

@@ -8,7 +8,7 @@ from torch import nn
 from server.engine.model_runner import cpu_has_native_bf16
 from server.errors import InvalidConfigError
 from server.models.int4 import INT4_GROUP, Int4Weight, dequantize_int4, quantize_int4
-from server.models.packed_linear import INT4_ROWS, PackedLinear, amx_available, onednn_linear_available
+from server.models.packed_linear import INT4_ROWS, PackedLinear, amx_available, dpbf16_available, onednn_linear_available
 
 from ..csrc.test_fused_ops import fresh_generator
 from ..csrc.test_ops import relative_error
@@ -76,8 +76,9 @@ def test_an_int4_engine_serves_the_default_model_and_refuses_fp32():
     from server.models.default_model import default_model_dir
 
     llm = LLM(default_model_dir(), dtype="bfloat16", quantization="int4", max_num_seqs=4, num_kv_blocks=64)
-    amx = " + amx" if amx_available() else ""  # the LM head stays bf16, on AMX where the CPU has it
-    assert llm.engine.runner.linear_backend == f"onednn-packed{amx} + int4"
+    # The LM head stays bf16, on AMX or AVX512-BF16 registers where the CPU has them.
+    tiles = " + amx" if amx_available() else " + dpbf16" if dpbf16_available() else ""
+    assert llm.engine.runner.linear_backend == f"onednn-packed{tiles} + int4"
     prompt = llm.engine.render_chat([{"role": "user", "content": "What is the capital of France?"}])
     out = llm.generate([prompt, prompt], SamplingParams(temperature=0, max_tokens=12))
     assert "Paris" in out[0].text and out[0].token_ids == out[1].token_ids
