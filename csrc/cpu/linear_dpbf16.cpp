@@ -25,6 +25,7 @@
 #endif
 
 #include "isa.h"
+#include "tile_linear_args.h"
 #include "vec.h"
 
 namespace s1serve {
@@ -87,21 +88,8 @@ S1_TARGET_DPBF16 void linear_task(at::BFloat16* out, const at::BFloat16* x, cons
 void linear_dpbf16(torch::Tensor out, const torch::Tensor& x, const torch::Tensor& packed,
                    const std::optional<torch::Tensor>& bias) {
   TORCH_CHECK(cpu_has_dpbf16(), "linear_dpbf16 needs AVX512-BF16 (and the AVX-512 build)");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
-              "x must be contiguous bf16 rows (M, in_features)");
-  TORCH_CHECK(packed.dim() == 5 && packed.is_contiguous() && packed.scalar_type() == torch::kBFloat16 &&
-                  packed.size(2) == 16 && packed.size(3) == 16 && packed.size(4) == 2,
-              "packed weight must be pack_for_amx's (out/16, in/32, 16, 16, 2) bf16 tensor");
+  check_tile_linear_args(out, x, packed, bias);
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * kBlock;
-  TORCH_CHECK(packed.size(1) * 32 == K, "packed weight's in_features (", packed.size(1) * 32, ") differ from x's (",
-              K, ")");
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.is_contiguous() &&
-                  out.scalar_type() == torch::kBFloat16,
-              "out must be contiguous bf16 (M, out_features)");
-  if (bias.has_value())
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
-                    bias->scalar_type() == torch::kBFloat16,
-                "bias must be bf16 (out_features,)");
 #ifdef S1_HAVE_DPBF16
   const at::BFloat16* b = bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr;
   at::parallel_for(0, N / kBlock, kBlocksPerTask, [&](int64_t begin, int64_t end) {
