@@ -22,9 +22,9 @@ def cpu_model() -> str:
 def machine() -> dict:
     import server._C  # noqa: F401  (registers torch.ops.s1serve)
 
-    amx = " + amx" if torch.ops.s1serve.cpu_has_amx_bf16() else " + avx512_bf16" if torch.ops.s1serve.cpu_has_dpbf16() else ""
+    bf16 = " + amx" if torch.ops.s1serve.cpu_has_amx_bf16() else " + avx512_bf16" if torch.ops.s1serve.cpu_has_dpbf16() else ""
     return {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "cpu_model": cpu_model(), "isa": torch.ops.s1serve.cpu_isa() + amx,
+            "cpu_model": cpu_model(), "isa": torch.ops.s1serve.cpu_isa() + bf16,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 

@@ -147,8 +147,7 @@ S1_TARGET_AMX void linear_task(at::BFloat16* out, const at::BFloat16* x, const a
 void linear_amx(torch::Tensor out, const torch::Tensor& x, const torch::Tensor& packed,
                 const std::optional<torch::Tensor>& bias) {
   TORCH_CHECK(cpu_has_amx_bf16(), "linear_amx needs AMX-BF16 (and the AVX-512 build)");
-  check_tile_linear_args(out, x, packed, bias);
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * kTileN;
+  [[maybe_unused]] const auto [M, K, N] = check_tile_linear_args(out, x, packed, bias);
 #ifdef S1_HAVE_AMX
   const at::BFloat16* b = bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr;
   // Tiles load 16 rows of x: a batch that does not fill its last tile is copied, with zero rows

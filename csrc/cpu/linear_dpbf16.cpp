@@ -88,8 +88,7 @@ S1_TARGET_DPBF16 void linear_task(at::BFloat16* out, const at::BFloat16* x, cons
 void linear_dpbf16(torch::Tensor out, const torch::Tensor& x, const torch::Tensor& packed,
                    const std::optional<torch::Tensor>& bias) {
   TORCH_CHECK(cpu_has_dpbf16(), "linear_dpbf16 needs AVX512-BF16 (and the AVX-512 build)");
-  check_tile_linear_args(out, x, packed, bias);
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * kBlock;
+  [[maybe_unused]] const auto [M, K, N] = check_tile_linear_args(out, x, packed, bias);
 #ifdef S1_HAVE_DPBF16
   const at::BFloat16* b = bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr;
   at::parallel_for(0, N / kBlock, kBlocksPerTask, [&](int64_t begin, int64_t end) {

@@ -1,5 +1,5 @@
 // The argument checks linear_amx and linear_dpbf16 share: both read pack_for_amx's weight layout
-// (server/models/packed_linear.py), (out/16, in/32, 16, 16, 2) bf16.
+// (server/models/packed_linear.py), (out/16, in/32, 16, 16, 2) bf16. Returns the checked sizes.
 #pragma once
 
 #include <torch/types.h>
@@ -8,7 +8,11 @@
 
 namespace s1serve {
 
-inline void check_tile_linear_args(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& packed,
+struct TileLinearSizes {
+  int64_t M, K, N;  // rows, input features, output features
+};
+
+inline TileLinearSizes check_tile_linear_args(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& packed,
                                    const std::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
               "x must be contiguous bf16 rows (M, in_features)");
@@ -25,6 +29,7 @@ inline void check_tile_linear_args(const torch::Tensor& out, const torch::Tensor
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
                     bias->scalar_type() == torch::kBFloat16,
                 "bias must be bf16 (out_features,)");
+  return {M, K, N};
 }
 
 }  // namespace s1serve

@@ -38,6 +38,7 @@ FEW_ROWS_AVX2 = 8  # on AVX2 (16 registers, 4x2 tiles) oneDNN is ahead from ~12 
 INT4_ROWS = 4  # the most rows the int4 kernel takes (it is slower than oneDNN's bf16 from about 8)
 AMX_ROWS = 64  # the most rows linear_amx takes (oneDNN catches up by ~96 and is ahead at prefill sizes)
 DPBF16_ROWS = 64  # the most rows linear_dpbf16 takes (1.2x oneDNN at 64 rows on a Zen 4, 0.9x at 96)
+TILE_ROWS = {"amx": AMX_ROWS, "dpbf16": DPBF16_ROWS}  # per tile_kernel_for's answer
 
 
 def few_rows_available() -> bool:
@@ -100,15 +101,14 @@ class PackedLinear(nn.Module):
         self.out_features = linear.out_features
         weight = linear.weight.detach()
         self.int4, self.weight, self.few_rows = None, None, 0
-        self.tile_kernel, self.tile_weight, self.tile_rows = None, None, 0
+        self.tile_kernel, self.tile_weight, self.tile_linear, self.tile_rows = None, None, None, 0
         if int4:
             q, scale, zero = quantize_int4(weight)
             self.int4 = Int4Weight(q, scale, zero, weight.dtype)
             weight = dequantize_int4(q, scale, zero).to(weight.dtype)
         elif (kernel := tile_kernel_for(weight)) is not None:
             self.tile_kernel, self.tile_weight = kernel, pack_for_amx(weight)
-            self.tile_linear = getattr(torch.ops.s1serve, f"linear_{kernel}")
-            self.tile_rows = AMX_ROWS if kernel == "amx" else DPBF16_ROWS
+            self.tile_linear, self.tile_rows = getattr(torch.ops.s1serve, f"linear_{kernel}"), TILE_ROWS[kernel]
         elif few_rows_available():
             self.weight, self.few_rows = weight.contiguous(), few_rows_limit(weight.dtype)
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)

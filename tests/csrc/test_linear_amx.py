@@ -74,18 +74,6 @@ def test_a_bf16_packed_linear_takes_the_amx_kernel_up_to_its_limit_and_onednn_ab
     assert ragged.tile_weight is None
 
 
-@needs_amx
-def test_the_amx_linear_refuses_what_it_does_not_cover():
-    x = torch.randn(2, 64).bfloat16()
-    packed = pack_for_amx(torch.randn(32, 64).bfloat16())
-    with pytest.raises(RuntimeError, match="pack_for_amx"):
-        torch.ops.s1serve.linear_amx(torch.empty(2, 32, dtype=torch.bfloat16), x, packed.view(2, 2, 16, 32), None)
-    with pytest.raises(RuntimeError, match="in_features"):
-        torch.ops.s1serve.linear_amx(torch.empty(2, 32, dtype=torch.bfloat16), torch.randn(2, 96).bfloat16(), packed, None)
-    with pytest.raises(RuntimeError, match="bias"):
-        torch.ops.s1serve.linear_amx(torch.empty(2, 32, dtype=torch.bfloat16), x, packed, torch.randn(31).bfloat16())
-
-
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_amx_is_off_on_a_forced_lower_isa(isa):
     code = "import torch, server._C; print(torch.ops.s1serve.cpu_has_amx_bf16())"

@@ -15,6 +15,7 @@ import server._C  # noqa: F401  (registers torch.ops.s1serve)
 from server.models.packed_linear import DPBF16_ROWS, PackedLinear, amx_available, dpbf16_available, pack_for_amx
 
 from .test_fused_ops import fresh_generator
+from .test_linear_amx import needs_amx
 from .test_ops import relative_error
 
 needs_dpbf16 = pytest.mark.skipif(not dpbf16_available(), reason="no AVX512-BF16 here")
@@ -64,18 +65,20 @@ def test_a_bf16_packed_linear_takes_the_dpbf16_kernel_up_to_its_limit_and_onednn
     assert PackedLinear(nn.Linear(64, 100).bfloat16(), batch_hint=8).tile_weight is None  # not whole blocks of 16
 
 
-@needs_dpbf16
-def test_the_dpbf16_linear_refuses_what_it_does_not_cover():
+@pytest.mark.parametrize("kernel", [pytest.param("amx", marks=needs_amx), pytest.param("dpbf16", marks=needs_dpbf16)])
+def test_the_packed_bf16_linears_refuse_what_they_do_not_cover(kernel):
+    """linear_amx and linear_dpbf16 share their argument checks (csrc/cpu/tile_linear_args.h)."""
+    linear = getattr(torch.ops.s1serve, f"linear_{kernel}")
     x = torch.randn(2, 64).bfloat16()
     packed = pack_for_amx(torch.randn(32, 64).bfloat16())
     with pytest.raises(RuntimeError, match="pack_for_amx"):
-        torch.ops.s1serve.linear_dpbf16(torch.empty(2, 32, dtype=torch.bfloat16), x, packed.view(2, 2, 16, 32), None)
+        linear(torch.empty(2, 32, dtype=torch.bfloat16), x, packed.view(2, 2, 16, 32), None)
     with pytest.raises(RuntimeError, match="in_features"):
-        torch.ops.s1serve.linear_dpbf16(torch.empty(2, 32, dtype=torch.bfloat16), torch.randn(2, 96).bfloat16(), packed, None)
+        linear(torch.empty(2, 32, dtype=torch.bfloat16), torch.randn(2, 96).bfloat16(), packed, None)
     with pytest.raises(RuntimeError, match="bias"):
-        torch.ops.s1serve.linear_dpbf16(torch.empty(2, 32, dtype=torch.bfloat16), x, packed, torch.randn(31).bfloat16())
+        linear(torch.empty(2, 32, dtype=torch.bfloat16), x, packed, torch.randn(31).bfloat16())
     with pytest.raises(RuntimeError, match="out must be"):
-        torch.ops.s1serve.linear_dpbf16(torch.empty(2, 32), x, packed, None)
+        linear(torch.empty(2, 32), x, packed, None)
 
 
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
