@@ -4,7 +4,9 @@ Decode: our csrc kernel vs the pure-torch reference vs SDPA on gathered K/V. All
 same paged cache. The reference gathers each sequence's blocks into a padded copy and runs masked
 SDPA (what the engine would do without csrc); "SDPA, pre-gathered" times only SDPA on K/V already
 laid out contiguously per sequence (a lower bound for any gather-based design, since it skips the
-gather). Ratios are kernel speed-ups over each baseline.
+gather). Ratios are kernel speed-ups over each baseline. Those three share one fp32 cache that
+stays in the CPU's caches; the kernel is also timed as the engine runs it, bf16 over 30 caches
+(one per layer of the default model), so each call reads K/V from memory.
 
 Prefill: our varlen kernel vs the SDPA path (one SDPA call per sequence) on the two batch shapes
 the engine runs: whole prompts with nothing cached (SDPA reads the new K/V directly), and short
