@@ -12,8 +12,8 @@ struct TileLinearSizes {
   int64_t M, K, N;  // rows, input features, output features
 };
 
-inline TileLinearSizes check_tile_linear_args(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& packed,
-                                   const std::optional<torch::Tensor>& bias) {
+inline TileLinearSizes check_tile_linear_args(const torch::Tensor& out, const torch::Tensor& x,
+                                              const torch::Tensor& packed, const std::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
               "x must be contiguous bf16 rows (M, in_features)");
   TORCH_CHECK(packed.dim() == 5 && packed.is_contiguous() && packed.scalar_type() == torch::kBFloat16 &&
