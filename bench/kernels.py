@@ -79,10 +79,9 @@ def main() -> None:
     save("kernels", result, args.out_dir)
 
 
-COLD_LAYERS = 30  # the default model's layers
-
-# SmolLM2-135M: hidden 576, 9 + 3 + 3 heads of 64 (qkv 960), MLP 1536 (gate_up 3072), vocab 49152.
-LINEAR_SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)] * 30 + [(576, 49152)]
+# SmolLM2-135M: 30 layers, hidden 576, 9 + 3 + 3 heads of 64 (qkv 960), MLP 1536 (gate_up 3072), vocab 49152.
+NUM_LAYERS = 30
+LINEAR_SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)] * NUM_LAYERS + [(576, 49152)]
 
 
 def bench_linear(args) -> dict:
@@ -168,7 +167,7 @@ def bench_decode(args) -> dict:
     # The engine's regime: bf16, a cache per layer, so every call reads K/V the other layers have
     # pushed out of the CPU's caches (the figures above reuse one fp32 cache that stays warm).
     cold_layers = [(torch.randn(shape, generator=gen).bfloat16(), torch.randn(shape, generator=gen).bfloat16())
-                   for _ in range(COLD_LAYERS)]
+                   for _ in range(NUM_LAYERS)]
     query_bf16 = query.bfloat16()
 
     def bf16_cold_layers():
@@ -179,7 +178,7 @@ def bench_decode(args) -> dict:
         "csrc_kernel": median_seconds(lambda: paged_attention_decode(*args_), args.repeats),
         "torch_reference": median_seconds(lambda: paged_attention_decode_reference(*args_), args.repeats),
         "sdpa_pregathered": median_seconds(sdpa_pregathered, args.repeats),
-        "csrc_kernel_bf16_cold_per_layer": median_seconds(bf16_cold_layers, args.repeats) / COLD_LAYERS,
+        "csrc_kernel_bf16_cold_per_layer": median_seconds(bf16_cold_layers, args.repeats) / NUM_LAYERS,
     }
     kv_bytes = 2 * int(context_lens.sum()) * args.kv_heads * args.head_dim * 4
     result = {
@@ -191,7 +190,7 @@ def bench_decode(args) -> dict:
         "speedup_vs_sdpa_pregathered": timings["sdpa_pregathered"] / timings["csrc_kernel"],
     }
     for name, seconds in timings.items():
-        print(f"{name:18s} {seconds * 1e3:9.3f} ms")
+        print(f"{name:31s} {seconds * 1e3:9.3f} ms")
     print(f"kernel reads K/V at {result['kernel_gb_per_s']:.2f} GB/s (bf16, cold: {result['kernel_bf16_cold_gb_per_s']:.2f})")
     print(f"kernel speed-up: {result['speedup_vs_reference']:.2f}x vs reference, "
           f"{result['speedup_vs_sdpa_pregathered']:.2f}x vs SDPA on pre-gathered K/V")
