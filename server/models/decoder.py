@@ -196,8 +196,9 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos_sin = self.rope.tables(positions, x.dtype)
         residual = None
-        for i, layer in enumerate(self.model.layers):
-            x, residual = layer(x, residual, cos_sin, kv_cache[0, i], kv_cache[1, i], meta)
+        k_caches, v_caches = kv_cache[0].unbind(0), kv_cache[1].unbind(0)  # each layer's views, in two calls, not 60
+        for layer, k_cache, v_cache in zip(self.model.layers, k_caches, v_caches):
+            x, residual = layer(x, residual, cos_sin, k_cache, v_cache, meta)
         return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

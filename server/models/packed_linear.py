@@ -100,11 +100,12 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features = linear.out_features
         weight = linear.weight.detach()
-        self.int4, self.weight, self.few_rows = None, None, 0
+        self.int4, self.int4_rows, self.weight, self.few_rows = None, 0, None, 0
         self.tile_kernel, self.tile_weight, self.tile_linear, self.tile_rows = None, None, None, 0
         if int4:
             q, scale, zero = quantize_int4(weight)
             self.int4 = Int4Weight(q, scale, zero, weight.dtype)
+            self.int4_rows = INT4_ROWS
             weight = dequantize_int4(q, scale, zero).to(weight.dtype)
         elif (kernel := tile_kernel_for(weight)) is not None:
             self.tile_kernel, self.tile_weight = kernel, pack_for_amx(weight)
@@ -115,20 +116,22 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        if self.int4 is not None and rows.shape[0] <= INT4_ROWS:
-            out = self.int4.matmul(rows.contiguous())
+        if x.dim() != 2:  # the decoder's activations are flat (tokens, features): no reshape per call there
+            return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+        rows = x.shape[0]
+        if rows <= self.int4_rows:
+            out = self.int4.matmul(x.contiguous())
             if self.bias is not None:
                 out += self.bias
-        elif rows.shape[0] <= self.tile_rows:
-            out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
-            self.tile_linear(out, rows.contiguous(), self.tile_weight, self.bias)
-        elif rows.shape[0] <= self.few_rows:
-            out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
-            torch.ops.s1serve.linear_few_rows(out, rows.contiguous(), self.weight, self.bias)
+        elif rows <= self.tile_rows:
+            out = torch.empty(rows, self.out_features, dtype=x.dtype)
+            self.tile_linear(out, x.contiguous(), self.tile_weight, self.bias)
+        elif rows <= self.few_rows:
+            out = torch.empty(rows, self.out_features, dtype=x.dtype)
+            torch.ops.s1serve.linear_few_rows(out, x.contiguous(), self.weight, self.bias)
         else:
-            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
-        return out.view(*x.shape[:-1], self.out_features)
+            out = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        return out
 
 
 def pack_linears(model: nn.Module, batch_hint: int, quantization: str | None = None) -> int:
