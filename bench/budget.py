@@ -97,6 +97,11 @@ def s1_loop(llm: LLM, prompts: list[list[int]], max_tokens: int, bias: dict, min
     return {"seconds": seconds, "output_tokens": sum(map(len, outs)), "waits": waits, "token_ids": outs}
 
 
+def timing(seconds: list[float]) -> dict:
+    """A repeated run's fastest, median and every time."""
+    return {"seconds": min(seconds), "median_seconds": median(seconds), "all_seconds": seconds}
+
+
 def overhead(llm: LLM, prompts: list[list[int]], max_tokens: int, delimiter: int, repeats: int) -> dict:
     """The same number of tokens with and without a budget (max_think where the answer's minimum
     room begins, so it triggers once, at the end), run in ABBA order `repeats` times."""
@@ -112,8 +117,7 @@ def overhead(llm: LLM, prompts: list[list[int]], max_tokens: int, delimiter: int
             outs = llm.generate(prompts, sampling, cases[name])
             times[name].append(time.perf_counter() - start)
             tokens[name] = sum(len(o.token_ids) for o in outs)
-    return {name: {"seconds": min(times[name]), "median_seconds": median(times[name]), "all_seconds": times[name],
-                   "output_tokens": tokens[name]} for name in cases}
+    return {name: {**timing(times[name]), "output_tokens": tokens[name]} for name in cases}
 
 
 def main() -> None:
@@ -144,18 +148,14 @@ def main() -> None:
         "b_s1_loop_no_prefix_cache": lambda: s1_loop(llms[False], prompts, args.max_tokens, bias, args.min_think),
         "b_s1_loop_prefix_cache": lambda: s1_loop(llms[True], prompts, args.max_tokens, bias, args.min_think),
     }
-    names = list(cases)
+    names, times = list(cases), {name: [] for name in cases}
     for r in range(args.repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            run = cases[name]()
-            print(f"round {r + 1}: {name:28s} {run['seconds']:6.1f} s", flush=True)
-            if name in runs:  # greedy: every round computes the same tokens; keep the times
-                run["all_seconds"] = runs[name]["all_seconds"] + [run["seconds"]]
-            else:
-                run["all_seconds"] = [run["seconds"]]
-            runs[name] = run
-    for run in runs.values():
-        run["seconds"], run["median_seconds"] = min(run["all_seconds"]), median(run["all_seconds"])
+            runs[name] = cases[name]()  # greedy: every round computes the same tokens; the last is kept
+            times[name].append(runs[name]["seconds"])
+            print(f"round {r + 1}: {name:28s} {runs[name]['seconds']:6.1f} s", flush=True)
+    for name, run in runs.items():
+        run.update(timing(times[name]))
     cost = overhead(llms[False], prompts, args.max_tokens, engine.think_ids.think_end[0], args.overhead_repeats)
 
     a = runs["a_in_engine"]
@@ -181,7 +181,7 @@ def main() -> None:
         "overhead_runs": cost,
         "summary": summary,
     }
-    print(f"{'run (fastest, median s)':28s} {'fastest':>8s} {'median':>8s} {'tokens':>7s} {'tok/s':>7s} {'waits':>6s} {'same as (a)':>11s}")
+    print(f"{'run':28s} {'fastest':>8s} {'median':>8s} {'tokens':>7s} {'tok/s':>7s} {'waits':>6s} {'same as (a)':>11s}")
     for name, run in runs.items():
         print(f"{name:28s} {run['seconds']:8.1f} {run['median_seconds']:8.1f} {run['output_tokens']:7d} "
               f"{run['tokens_per_s']:7.1f} {sum(run['waits']):6d} {run['same_tokens_as_a']:>8d}/{args.num_requests}")
